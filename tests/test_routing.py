@@ -1,0 +1,164 @@
+"""tilemoe.routing: selection, metadata invariants, capacity dropping, statistics, aux loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tilemoe import routing as R
+
+
+@st.composite
+def routing_problems(draw):
+    num_experts = draw(st.integers(1, 12))
+    top_k = draw(st.integers(1, num_experts))
+    num_tokens = draw(st.integers(0, 40))
+    seed = draw(st.integers(0, 2**31 - 1))
+    # Coarse logits make exact ties common, so tie-breaking is exercised too.
+    logits = torch.randint(-3, 4, (num_tokens, num_experts), generator=torch.Generator().manual_seed(seed)).float()
+    return logits, top_k
+
+
+def check_metadata(r: R.Routing, num_tokens: int, top_k: int, num_experts: int):
+    n = num_tokens * top_k
+    ids = r.topk_ids.reshape(-1).long()
+    kept = ids >= 0
+    # the permutation is a bijection of the T*K slots, and slot_position is its inverse
+    assert sorted(r.sorted_slots.tolist()) == list(range(n))
+    assert torch.equal(r.sorted_slots[r.slot_position], torch.arange(n))
+    # counts are the kept slots per expert; offsets are their exclusive prefix sum
+    assert r.counts.dtype == torch.int32 and r.offsets.dtype == torch.int32
+    assert r.counts.tolist() == [int((ids == e).sum()) for e in range(num_experts)]
+    assert r.offsets[0] == 0 and int(r.offsets[-1]) == int(kept.sum())
+    assert bool((r.offsets[1:] >= r.offsets[:-1]).all())
+    # each expert's segment holds exactly its slots, in token order; dropped slots come last
+    for e in range(num_experts):
+        seg = r.sorted_slots[r.offsets[e]:r.offsets[e + 1]]
+        assert bool((ids[seg] == e).all()) and seg.tolist() == sorted(seg.tolist())
+    assert bool((ids[r.sorted_slots[int(r.offsets[-1]):]] == -1).all())
+    assert torch.equal(r.sorted_tokens, r.sorted_slots // max(top_k, 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(routing_problems())
+def test_metadata_invariants(problem):
+    logits, top_k = problem
+    r = R.route(logits, top_k)
+    num_tokens, num_experts = logits.shape
+    check_metadata(r, num_tokens, top_k, num_experts)
+    assert int(r.counts.sum()) == num_tokens * top_k
+    # each token's K experts are distinct, and its weights are positive and sum to 1
+    for row in r.topk_ids.tolist():
+        assert len(set(row)) == top_k
+    if num_tokens:
+        assert torch.allclose(r.topk_weights.sum(1), torch.ones(num_tokens))
+
+
+@settings(max_examples=60, deadline=None)
+@given(routing_problems(), st.sampled_from([0.25, 0.5, 1.0, 1.25, 2.0]))
+def test_capacity_drops_exactly_the_lowest_scored_overflow(problem, capacity_factor):
+    logits, top_k = problem
+    num_tokens, num_experts = logits.shape
+    plain = R.route(logits, top_k)
+    r = R.route(logits, top_k, capacity_factor=capacity_factor)
+    capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    assert r.capacity == capacity
+    check_metadata(r, num_tokens, top_k, num_experts)
+    orig, scores = plain.topk_ids.reshape(-1).long(), plain.topk_scores.reshape(-1)
+    dropped = r.dropped.reshape(-1)
+    for e in range(num_experts):
+        mine = (orig == e).nonzero().flatten().tolist()
+        # the kept are the `capacity` best by score; ties go to the lower token (slot) first
+        ranked = sorted(mine, key=lambda s: (-float(scores[s]), s))
+        assert sorted(s for s in mine if not dropped[s]) == sorted(ranked[:capacity])
+        assert int(r.counts[e]) == min(len(mine), capacity)
+    assert bool((r.topk_weights.reshape(-1)[dropped] == 0).all())
+    assert torch.equal(r.topk_weights.reshape(-1)[~dropped], plain.topk_weights.reshape(-1)[~dropped])
+
+
+def test_ties_go_to_the_lower_expert_index():
+    r = R.route(torch.zeros(3, 6), 4)
+    assert r.topk_ids.tolist() == [[0, 1, 2, 3]] * 3
+    r = R.route(torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]]), 2)
+    assert r.topk_ids.tolist() == [[1, 2]]
+
+
+def test_sigmoid_bias_steers_selection_but_not_weights():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])
+    r = R.route(logits, 2, scoring="sigmoid", score_bias=bias, renormalize=False)
+    assert r.topk_ids.tolist() == [[3, 0]]
+    assert torch.allclose(r.topk_weights, torch.sigmoid(torch.tensor([[-1.0, 2.0]])))
+
+
+def test_group_limited_selection_only_picks_from_the_best_groups():
+    # 4 groups of 2; group scores (sum of top-2): g0 = 0.9+0.8, g1 = 1.0+0.0, g2 = 0.7+0.7, g3 = 0.1+0.1
+    scores = torch.tensor([[0.9, 0.8, 1.0, 0.0, 0.7, 0.7, 0.1, 0.1]])
+    logits = torch.logit(scores)
+    r = R.route(logits, 3, scoring="sigmoid", num_groups=4, topk_groups=2)
+    assert r.topk_ids.tolist() == [[0, 1, 4]]  # expert 2 (score 1.0) is in a dropped group
+
+
+def test_routed_scaling_multiplies_weights():
+    logits = torch.randn(5, 8)
+    a, b = R.route(logits, 2), R.route(logits, 2, routed_scaling=2.5)
+    assert torch.allclose(b.topk_weights, 2.5 * a.topk_weights)
+
+
+# -- statistics, on loads computed by hand --
+
+@pytest.mark.parametrize("loads, want", [
+    ([5, 5, 5, 5], dict(gini=0.0, cv=0.0, mm=1.0, ent=math.log(4))),
+    ([0, 0, 0, 4], dict(gini=0.75, cv=math.sqrt(3), mm=0.0, ent=0.0)),
+    ([1, 2, 3, 4], dict(gini=0.25, cv=math.sqrt(1.25) / 2.5, mm=0.25,
+                        ent=-sum(p * math.log(p) for p in (0.1, 0.2, 0.3, 0.4)))),
+])
+def test_statistics_by_hand(loads, want):
+    assert R.gini(loads) == pytest.approx(want["gini"], abs=1e-12)
+    assert R.coefficient_of_variation(loads) == pytest.approx(want["cv"], abs=1e-12)
+    assert R.min_max_ratio(loads) == pytest.approx(want["mm"], abs=1e-12)
+    assert R.entropy(loads) == pytest.approx(want["ent"], abs=1e-12)
+    s = R.load_stats(torch.tensor(loads, dtype=torch.int32))
+    assert s.gini == pytest.approx(want["gini"]) and s.normalized_entropy == pytest.approx(want["ent"] / math.log(4))
+
+
+def test_tile_utilization_by_hand():
+    # 142 rows -> 2 tiles, 128 -> 1 tile, 0 -> none: 270 real rows in 384
+    assert R.tile_utilization([142, 128, 0], 128) == pytest.approx(270 / 384)
+    assert R.tile_utilization([128, 256], 128) == 1.0
+    assert R.tile_utilization([1], 64) == pytest.approx(1 / 64)
+
+
+@pytest.mark.parametrize("bad, match", [([], "loads: expected at least one expert"),
+                                        ([0, 0], "loads: expected at least one routed token"),
+                                        ([1, -1], "loads: expected finite counts >= 0")])
+def test_statistics_reject_meaningless_loads(bad, match):
+    with pytest.raises(ValueError, match=match):
+        R.gini(bad)
+
+
+# -- the Switch/GShard auxiliary loss --
+
+def test_load_balancing_loss_is_one_when_uniform_and_grows_with_imbalance():
+    num_experts, num_tokens = 4, 8
+    uniform_ids = torch.arange(num_tokens * 2).remainder(num_experts).view(num_tokens, 2)
+    assert R.load_balancing_loss(torch.zeros(num_tokens, num_experts), uniform_ids, num_experts).item() == pytest.approx(1.0)
+    skewed_logits = torch.tensor([[3.0, 2.0, 0.0, 0.0]]).repeat(num_tokens, 1)
+    skewed_ids = torch.tensor([[0, 1]]).repeat(num_tokens, 1)
+    worse = R.load_balancing_loss(skewed_logits, skewed_ids, num_experts).item()
+    one_hot = R.load_balancing_loss(torch.tensor([[50.0, 0, 0, 0]]).repeat(num_tokens, 1),
+                                    torch.zeros(num_tokens, 1, dtype=torch.long), num_experts).item()
+    assert 1.0 < worse < one_hot <= num_experts + 1e-6
+
+
+def test_load_balancing_loss_gradient_reaches_the_router():
+    x = torch.randn(16, 8)
+    router = torch.nn.Linear(8, 4, bias=False)
+    logits = router(x)
+    ids = R.route(logits.detach(), 2).topk_ids
+    R.load_balancing_loss(logits, ids, 4).backward()
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0

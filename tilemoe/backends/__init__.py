@@ -1,0 +1,42 @@
+"""Ways of running the experts. Each backend module provides
+
+    NAME: str
+    unavailable_reason(device, dtype, hidden, ffn) -> str | None   (None: it can run these inputs)
+    experts(x [T, H], routing, w_gate_up, w_down) -> y [T, H]       (the routed experts, combined)
+
+All consume the same ``tilemoe.routing.Routing``; none recomputes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import checks
+from . import grouped_mm, torch_loop
+
+BACKENDS = {m.NAME: m for m in (torch_loop, grouped_mm)}
+
+# Fastest first: what backend="auto" tries, per device type.
+AUTO_ORDER = {"cuda": ("grouped_mm", "torch"), "cpu": ("torch", "grouped_mm")}
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, hidden: int, ffn: int) -> str | None:
+    return BACKENDS[name].unavailable_reason(device, dtype, hidden, ffn)
+
+
+def available_backends(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int) -> list[str]:
+    """Names of the backends that can run these inputs, fastest first."""
+    order = AUTO_ORDER.get(device.type, ("torch",))
+    names = list(order) + [n for n in BACKENDS if n not in order]
+    return [n for n in names if unavailable_reason(n, device, dtype, hidden, ffn) is None]
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype, hidden: int, ffn: int):
+    """The backend module for ``name`` ("auto" = the fastest available); ValueError says why not."""
+    checks.check_choice("backend", name, ("auto", *BACKENDS))
+    if name == "auto":
+        name = available_backends(device, dtype, hidden, ffn)[0]  # "torch" runs anywhere
+    reason = unavailable_reason(name, device, dtype, hidden, ffn)
+    if reason is not None:
+        checks.fail("backend", f"a backend that runs {dtype} on {device.type}", f"{name!r}, which cannot: {reason}")
+    return BACKENDS[name]

@@ -1,0 +1,380 @@
+"""Top-k routing, the routing metadata every backend consumes, capacity, aux loss, load statistics.
+
+The pipeline of one MoE layer's router:
+
+    logits = router_logits(x, router_weight)          # [T, E], fp32 (fp64 for fp64 inputs)
+    routing = route(logits, top_k, scoring="softmax")  # -> Routing: who goes where, and the permutation
+
+``Routing`` is computed once per forward and handed to a backend; no backend recomputes it.
+Everything here runs on any device with no host synchronization, except what is documented
+as a statistic (those return Python numbers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import checks
+
+SCORINGS = ("softmax", "sigmoid")
+
+
+def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """x [T, H] @ router_weight[E, H]^T in fp32 (fp64 when x is fp64), whatever x's dtype.
+
+    The router decides which expert each token meets, so it is computed in full precision:
+    bf16 logits would flip near-tied top-k choices.
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.to(dtype) @ router_weight.to(dtype).t()
+
+
+@dataclass(frozen=True, eq=False)
+class Routing:
+    """Where every token-slot goes. T tokens, K slots each, E experts; a slot is (token t, choice k),
+    flattened as s = t*K + k.
+
+    topk_ids      [T, K] int32   expert of each slot; -1 marks a slot dropped by capacity
+    topk_weights  [T, K] float   combine weight of each slot (0 on dropped slots)
+    topk_scores   [T, K] float   the router's raw score of each selected slot (softmax probability
+                                 or sigmoid score, before renormalization and scaling)
+    counts        [E] int32      kept slots per expert
+    offsets       [E+1] int32    offsets[0] = 0, offsets[e+1] = offsets[e] + counts[e]
+    sorted_slots  [T*K] int64    slot ids grouped by expert (token order inside an expert);
+                                 the first offsets[E] are kept slots, dropped ones come last
+    sorted_tokens [T*K] int64    sorted_slots // K: the row of x each grouped row reads
+    slot_position [T*K] int64    the inverse permutation: sorted_slots[slot_position[s]] == s
+    capacity      int or None    per-expert capacity that was applied, if any
+    """
+
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    topk_scores: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    sorted_slots: torch.Tensor
+    sorted_tokens: torch.Tensor
+    slot_position: torch.Tensor
+    capacity: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.topk_ids.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_ids.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.numel()
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        """[T, K] bool: slots dropped by capacity."""
+        return self.topk_ids < 0
+
+
+def select_experts(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    score_bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    routed_scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choose top_k experts per token. Returns (ids int64 [T,K], weights [T,K], scores [T,K]).
+
+    softmax: scores = softmax(logits) over the E experts (Mixtral, Qwen3, OLMoE).
+    sigmoid: scores = sigmoid(logits) (DeepSeek-V3).
+    score_bias [E] is added for *selection only*: it steers which experts win (DeepSeek-V3's
+    auxiliary-loss-free balancing) but the weights come from the unbiased scores.
+    num_groups / topk_groups: group-limited routing. Experts form num_groups equal groups; a
+    group's score is the sum of its two best biased scores; only the topk_groups best groups
+    may be chosen from (DeepSeek-V3: 8 groups, 4 kept).
+    weights = scores of the chosen experts, divided by their sum when renormalize (OLMoE uses
+    renormalize=False), times routed_scaling (DeepSeek-V3: 2.5).
+    Ties go to the lower expert index (a stable sort, so every backend agrees).
+    """
+    scoring = checks.check_choice("scoring", scoring, SCORINGS)
+    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+    selection = scores if score_bias is None else scores + score_bias.to(scores.dtype)
+
+    if num_groups is not None:
+        num_tokens, num_experts = selection.shape
+        grouped = selection.view(num_tokens, num_groups, num_experts // num_groups)
+        best_two = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        group_order = best_two.sort(dim=-1, descending=True, stable=True).indices
+        keep = torch.zeros_like(best_two, dtype=torch.bool)
+        keep.scatter_(1, group_order[:, :topk_groups], True)
+        selection = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
+
+    ids = selection.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]
+    chosen = scores.gather(1, ids)
+    weights = chosen
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    if routed_scaling != 1.0:
+        weights = weights * routed_scaling
+    return ids, weights, chosen
+
+
+def slot_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [E]: slots per expert, ignoring dropped slots (-1). No host sync (unlike bincount on CUDA)."""
+    flat = topk_ids.reshape(-1).long()
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, torch.where(flat < 0, num_experts, flat), torch.ones_like(flat))
+    return counts[:num_experts]
+
+
+def capacity_for(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Per-expert capacity ceil(capacity_factor * T * K / E): the slots an expert may keep."""
+    return math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9))
+
+
+def capacity_drop_mask(topk_ids: torch.Tensor, topk_scores: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """[T, K] bool: the slots past their expert's capacity, lowest router score dropped first.
+
+    Inside an expert, slots are ranked by score (ties: lower token first); the first `capacity`
+    stay. A dropped slot contributes nothing: the residual connection carries its token.
+    """
+    flat_ids = topk_ids.reshape(-1)
+    by_score = torch.argsort(topk_scores.reshape(-1), descending=True, stable=True)
+    order = by_score[torch.argsort(flat_ids[by_score], stable=True)]
+    counts = slot_counts(flat_ids, num_experts)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(flat_ids)
+    rank[order] = torch.arange(flat_ids.numel(), device=flat_ids.device) - starts[flat_ids[order]]
+    return (rank >= capacity).view(topk_ids.shape)
+
+
+def expert_counts_and_offsets(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts [E] int32 and offsets [E+1] int32 of the kept slots (ids of -1 are not counted).
+
+    On a CUDA device with the compiled extension this is one small kernel (csrc/expert_counts.cu);
+    elsewhere, torch ops. Neither synchronizes with the host.
+    """
+    from . import cuda
+
+    if topk_ids.is_cuda and cuda.available():
+        return cuda.expert_counts(topk_ids.to(torch.int32).contiguous(), num_experts, validate=False)
+    counts = slot_counts(topk_ids, num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=counts.device)
+    offsets[1:] = counts.cumsum(0)
+    return counts.to(torch.int32), offsets.to(torch.int32)
+
+
+def build_routing(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_scores: torch.Tensor,
+    num_experts: int,
+    *,
+    capacity: int | None = None,
+) -> Routing:
+    """The metadata of a routing decision: counts, offsets and the permutation grouping slots by expert."""
+    num_tokens, top_k = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()
+    # Dropped slots (-1) sort after every expert, so the kept ones form the prefix [0, offsets[E]).
+    sorted_slots = torch.argsort(torch.where(flat < 0, num_experts, flat), stable=True)
+    slot_position = torch.empty_like(sorted_slots)
+    slot_position[sorted_slots] = torch.arange(flat.numel(), device=flat.device)
+    counts, offsets = expert_counts_and_offsets(topk_ids, num_experts)
+    return Routing(
+        topk_ids=topk_ids.to(torch.int32),
+        topk_weights=topk_weights,
+        topk_scores=topk_scores,
+        counts=counts,
+        offsets=offsets,
+        sorted_slots=sorted_slots,
+        sorted_tokens=torch.div(sorted_slots, top_k, rounding_mode="floor"),
+        slot_position=slot_position,
+        capacity=capacity,
+    )
+
+
+def check_router_options(
+    num_experts: int,
+    top_k: int,
+    *,
+    scoring: str,
+    score_bias: torch.Tensor | None,
+    num_groups: int | None,
+    topk_groups: int | None,
+    routed_scaling: float,
+    capacity_factor: float | None,
+    device: torch.device,
+) -> None:
+    """Validate the router options against E and top_k (the same rules for every entry point)."""
+    checks.check_int("top_k", top_k, low=1, high=num_experts)
+    checks.check_choice("scoring", scoring, SCORINGS)
+    if score_bias is not None:
+        checks.check_float_tensor("score_bias", score_bias)
+        checks.check_shape("score_bias", score_bias, (num_experts,), f"[E] = [{num_experts}]")
+        checks.check_same_device("score_bias", score_bias, device)
+    if (num_groups is None) != (topk_groups is None):
+        missing = "topk_groups" if topk_groups is None else "num_groups"
+        checks.fail(missing, "an int (num_groups and topk_groups come together)", None, TypeError)
+    if num_groups is not None:
+        checks.check_int("num_groups", num_groups, low=1, high=num_experts)
+        if num_experts % num_groups:
+            checks.fail("num_groups", f"a divisor of num_experts = {num_experts}", num_groups)
+        checks.check_int("topk_groups", topk_groups, low=1, high=num_groups)
+        reachable = topk_groups * (num_experts // num_groups)
+        if top_k > reachable:
+            checks.fail("top_k", f"<= topk_groups * experts per group = {reachable}", top_k)
+    checks.check_positive_float("routed_scaling", routed_scaling)
+    if capacity_factor is not None:
+        checks.check_positive_float("capacity_factor", capacity_factor)
+
+
+def route(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    score_bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    routed_scaling: float = 1.0,
+    capacity_factor: float | None = None,
+) -> Routing:
+    """Route T tokens given their router logits [T, E]: select_experts, optional capacity, metadata.
+
+    capacity_factor: each expert keeps at most ceil(cf * T * K / E) slots; the lowest-scored
+    overflow is dropped (topk_ids = -1, weight 0; kept weights are not renormalized, as in
+    Switch/GShard). ``Routing.dropped`` reports which.
+    """
+    checks.check_float_tensor("logits", logits)
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        checks.fail("logits", "shape [T, E] with E >= 1", list(logits.shape))
+    num_tokens, num_experts = logits.shape
+    check_router_options(
+        num_experts, top_k, scoring=scoring, score_bias=score_bias, num_groups=num_groups,
+        topk_groups=topk_groups, routed_scaling=routed_scaling, capacity_factor=capacity_factor,
+        device=logits.device,
+    )
+    ids, weights, scores = select_experts(
+        logits, top_k, scoring=scoring, renormalize=renormalize, score_bias=score_bias,
+        num_groups=num_groups, topk_groups=topk_groups, routed_scaling=routed_scaling,
+    )
+    capacity = None
+    if capacity_factor is not None:
+        capacity = capacity_for(num_tokens, top_k, num_experts, capacity_factor)
+        drop = capacity_drop_mask(ids, scores, num_experts, capacity)
+        ids = ids.masked_fill(drop, -1)
+        weights = weights.masked_fill(drop, 0.0)
+    return build_routing(ids, weights, scores, num_experts, capacity=capacity)
+
+
+def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch/GShard auxiliary loss E * sum_i f_i * P_i (the caller multiplies by alpha).
+
+    f_i: fraction of the T*K slots routed to expert i (not differentiable: it is a count);
+    P_i: mean router probability of expert i over the tokens (carries the gradient).
+    Perfectly uniform routing gives 1.0; imbalance raises it, up to E.
+    Dropped slots (id -1) are not counted in f.
+    """
+    probs = logits.float().softmax(dim=-1)
+    fraction = slot_counts(topk_ids, num_experts).to(probs.dtype) / topk_ids.numel()
+    return num_experts * (fraction * probs.mean(dim=0)).sum()
+
+
+# -- Load statistics: how unevenly the experts are loaded. Each takes per-expert token counts. --
+
+def _loads(loads) -> torch.Tensor:
+    t = torch.as_tensor(loads).detach().to("cpu", torch.float64).reshape(-1)
+    if t.numel() == 0:
+        checks.fail("loads", "at least one expert", "an empty sequence")
+    if (t < 0).any() or not torch.isfinite(t).all():
+        checks.fail("loads", "finite counts >= 0", t.tolist())
+    if t.sum() == 0:
+        checks.fail("loads", "at least one routed token", "all zeros")
+    return t
+
+
+def entropy(loads) -> float:
+    """Shannon entropy (nats) of the load distribution p_i = n_i / sum n: log(E) when uniform, 0 when one expert takes all."""
+    p = _loads(loads)
+    p = p / p.sum()
+    nz = p[p > 0]
+    return float(-(nz * nz.log()).sum())
+
+
+def gini(loads) -> float:
+    """Gini coefficient: 0 for equal loads, (E-1)/E when one expert takes everything.
+
+    With loads sorted ascending x_1..x_n: G = sum_i (2i - n - 1) x_i / (n * sum x).
+    """
+    x = _loads(loads).sort().values
+    n = x.numel()
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(((2 * i - n - 1) * x).sum() / (n * x.sum()))
+
+
+def coefficient_of_variation(loads) -> float:
+    """Population standard deviation over mean: 0 for equal loads."""
+    x = _loads(loads)
+    return float(x.std(unbiased=False) / x.mean())
+
+
+def min_max_ratio(loads) -> float:
+    """Least-loaded over most-loaded expert: 1 for equal loads, 0 when some expert is idle."""
+    x = _loads(loads)
+    return float(x.min() / x.max())
+
+
+def tile_utilization(loads, tile_size: int) -> float:
+    """Real rows over the rows of the tiles a grouped GEMM runs: sum n_i / (tile * sum ceil(n_i / tile)).
+
+    An expert with 142 tokens and 128-row tiles runs two tiles (256 rows) for 142 real rows.
+    """
+    checks.check_int("tile_size", tile_size, low=1)
+    x = _loads(loads)
+    tiles = torch.ceil(x / tile_size).sum()
+    return float(x.sum() / (tiles * tile_size))
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """Summary of one routing decision's per-expert loads (see the functions above)."""
+
+    loads: list[int]
+    entropy: float
+    normalized_entropy: float
+    gini: float
+    coefficient_of_variation: float
+    min_max_ratio: float
+    tile_size: int
+    tile_utilization: float
+
+    def as_row(self) -> dict:
+        return {
+            "entropy": self.entropy, "entropy / log E": self.normalized_entropy, "Gini": self.gini,
+            "CV": self.coefficient_of_variation, "min/max": self.min_max_ratio,
+            f"tile util ({self.tile_size})": self.tile_utilization,
+        }
+
+
+def load_stats(loads, tile_size: int = 128) -> LoadStats:
+    """All the statistics of per-expert loads (a Routing's ``counts``, a list, an array)."""
+    x = _loads(loads)
+    num_experts = x.numel()
+    h = entropy(x)
+    return LoadStats(
+        loads=[int(v) for v in x.tolist()],
+        entropy=h,
+        normalized_entropy=h / math.log(num_experts) if num_experts > 1 else 1.0,
+        gini=gini(x),
+        coefficient_of_variation=coefficient_of_variation(x),
+        min_max_ratio=min_max_ratio(x),
+        tile_size=tile_size,
+        tile_utilization=tile_utilization(x, tile_size),
+    )
