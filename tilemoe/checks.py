@@ -43,9 +43,9 @@ def check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
         fail(name, f"device {device} (the device of x)", t.device)
 
 
-def check_contiguous(name: str, t: torch.Tensor) -> None:
+def check_contiguous(name: str, t: torch.Tensor, hint: str = "") -> None:
     if not t.is_contiguous():
-        fail(name, "a contiguous tensor (call .contiguous() once, at load)", f"strides {t.stride()}")
+        fail(name, "a contiguous tensor" + hint, f"strides {t.stride()}")
 
 
 def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
@@ -104,8 +104,8 @@ def check_moe_weights(
     ffn = w_gate_up.shape[1] // 2
     check_shape("w_gate_up", w_gate_up, (num_experts, 2 * ffn, hidden), f"[E, 2I, H] = [{num_experts}, {2 * ffn}, {hidden}]")
     check_shape("w_down", w_down, (num_experts, hidden, ffn), f"[E, H, I] = [{num_experts}, {hidden}, {ffn}]")
-    check_contiguous("w_gate_up", w_gate_up)
-    check_contiguous("w_down", w_down)
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        check_contiguous(name, w, " (call .contiguous() once, at load)")
     check_int("top_k", top_k, low=1, high=num_experts)
     return hidden, ffn, num_experts, top_k
 

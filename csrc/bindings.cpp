@@ -1,0 +1,80 @@
+// The pybind11 module tilemoe._C: a thin, torch-free door from Python to the CUDA launchers.
+//
+// Arguments are plain integers (device pointers from tensor.data_ptr(), sizes, the stream handle
+// from torch.cuda.current_stream().cuda_stream), so this module never includes or links PyTorch:
+// it keeps working across torch versions. Input checks (dtype, device, shape, id range) live in
+// the Python wrapper tilemoe/cuda.py, which is the only intended caller.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_runtime.h>
+
+#include "tilemoe/expert_counts.cuh"
+
+#ifndef TILEMOE_CUDA_ARCHS
+#define TILEMOE_CUDA_ARCHS "unknown"  // set by CMakeLists.txt from CMAKE_CUDA_ARCHITECTURES
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+// Turn a CUDA error into a Python RuntimeError that says which call failed.
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("tilemoe._C.") + what + ": " + cudaGetErrorName(err) +
+                             ": " + cudaGetErrorString(err));
+  }
+}
+
+template <typename T>
+T* as_ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "tilemoe CUDA kernels (raw pointers in, no PyTorch linkage); use tilemoe.cuda instead";
+
+  m.def(
+      "expert_counts",
+      [](std::uintptr_t topk_ids_ptr, int64_t num_slots, int32_t num_experts,
+         std::uintptr_t counts_ptr, std::uintptr_t offsets_ptr, std::uintptr_t stream,
+         int device) {
+        // This module carries its own (static) CUDA runtime, whose current device is separate
+        // from torch's: select the tensors' device explicitly on every call.
+        check(cudaSetDevice(device), "expert_counts: cudaSetDevice");
+        check(tilemoe::launch_expert_counts(as_ptr<const int32_t>(topk_ids_ptr), num_slots,
+                                            num_experts, as_ptr<int32_t>(counts_ptr),
+                                            as_ptr<int32_t>(offsets_ptr),
+                                            reinterpret_cast<cudaStream_t>(stream)),
+              "expert_counts");
+      },
+      py::arg("topk_ids_ptr"), py::arg("num_slots"), py::arg("num_experts"),
+      py::arg("counts_ptr"), py::arg("offsets_ptr"), py::arg("stream"), py::arg("device"),
+      // Launching is asynchronous and brief, but let other Python threads run meanwhile.
+      py::call_guard<py::gil_scoped_release>(),
+      "Enqueue counts[e] = #(topk_ids == e) and offsets = exclusive cumsum (E + 1 entries) on "
+      "`stream`. Raw int32 device pointers; no checks beyond sizes. Raises RuntimeError on a "
+      "CUDA error.");
+
+  m.def(
+      "cuda_archs", [] { return std::string(TILEMOE_CUDA_ARCHS); },
+      "CMAKE_CUDA_ARCHITECTURES this module was compiled for, e.g. '80;90a;100a'.");
+  m.def(
+      "cuda_runtime_version", [] { return CUDART_VERSION; },
+      "CUDA runtime version linked into this module (CUDART_VERSION, e.g. 13000 for 13.0).");
+  m.def(
+      "cuda_driver_version",
+      [] {
+        int version = 0;  // 0 when no driver is installed; needs no GPU and creates no context
+        cudaDriverGetVersion(&version);
+        return version;
+      },
+      "CUDA version the installed driver supports (e.g. 12080 for 12.8), 0 without a driver. "
+      "The runtime linked here needs a driver of at least the same major version.");
+}
