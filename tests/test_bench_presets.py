@@ -63,6 +63,8 @@ def test_presets_are_the_published_shapes():
 def test_flops_and_weights():
     c = tilemoe.get_preset("small")
     assert c.flops(10) == 6 * 10 * c.top_k * c.hidden * c.ffn
+    ds = tilemoe.get_preset("deepseek-v3")
+    assert ds.flops(3, include_shared=True) == 6 * 3 * (8 + 1) * 7168 * 2048
     w = c.init_weights(seed=3)
     assert w["w_gate_up"].shape == (c.experts, 2 * c.ffn, c.hidden) and w["w_down"].shape == (c.experts, c.hidden, c.ffn)
     assert torch.equal(w["w_down"], c.init_weights(seed=3)["w_down"])

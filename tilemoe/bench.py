@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -80,18 +81,19 @@ def slug(name: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD's hash, with '+dirty' when tracked files differ from it; 'unknown' outside a checkout."""
+    """HEAD's hash, with '+dirty' when tracked files differ from it. Outside a checkout (a tree
+    copied to a GPU machine), the TILEMOE_COMMIT environment variable, else 'unknown'."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
 
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
-            return "unknown"
+            return os.environ.get("TILEMOE_COMMIT", "unknown")
         dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("TILEMOE_COMMIT", "unknown")
 
 
 def environment(device: torch.device | str) -> dict:

@@ -32,9 +32,13 @@ class MoEConfig:
         return dict(scoring=self.scoring, renormalize=self.renormalize, num_groups=self.num_groups,
                     topk_groups=self.topk_groups, routed_scaling=self.routed_scaling)
 
-    def flops(self, tokens: int) -> int:
-        """Forward FLOPs of the routed experts: 2 GEMMs of 2*T*K*H*(2I) and 2*T*K*I*H -> 6*T*K*H*I."""
-        return 6 * tokens * self.top_k * self.hidden * self.ffn
+    def flops(self, tokens: int, *, include_shared: bool = False) -> int:
+        """Forward FLOPs of the routed experts: 2 GEMMs of 2*T*K*H*(2I) and 2*T*K*I*H -> 6*T*K*H*I.
+
+        include_shared adds the shared experts every token meets: 6*T*S*H*I.
+        """
+        experts_per_token = self.top_k + (self.shared_experts if include_shared else 0)
+        return 6 * tokens * experts_per_token * self.hidden * self.ffn
 
     def weight_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of all routed experts' weights (3*H*I per expert)."""
@@ -44,17 +48,19 @@ class MoEConfig:
         return asdict(self)
 
     def init_weights(self, *, device="cpu", dtype=torch.float32, seed: int = 0, shared: bool = True) -> dict:
-        """Random weights with nn.Linear-like scale (std 1/sqrt(fan_in)), generated on the CPU from
-        ``seed`` (so every device gets the same numbers) and moved once.
+        """Random weights with nn.Linear-like scale (std 1/sqrt(fan_in)), drawn from ``seed`` directly
+        on ``device`` in ``dtype`` (deepseek-v3's experts are 11 G numbers: no CPU detour). The same
+        seed gives the same weights on the same device type; CPU and GPU draw different numbers.
 
         Returns router_weight [E, H] (fp32), w_gate_up [E, 2I, H], w_down [E, H, I] and, for models
         with shared experts (when ``shared``), shared_gate_up [S, 2I, H] and shared_down [S, H, I].
         """
-        g = torch.Generator().manual_seed(seed)
+        device = torch.device(device)
+        g = torch.Generator(device=device).manual_seed(seed)
         h, i, e = self.hidden, self.ffn, self.experts
 
         def randn(*shape, fan_in, dt=dtype):
-            return (torch.randn(*shape, generator=g) / fan_in**0.5).to(device=device, dtype=dt)
+            return torch.randn(*shape, generator=g, device=device, dtype=dt).mul_(fan_in**-0.5)
 
         weights = {
             "router_weight": randn(e, h, fan_in=h, dt=torch.float32),

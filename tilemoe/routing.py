@@ -102,6 +102,7 @@ def select_experts(
     renormalize=False), times routed_scaling (DeepSeek-V3: 2.5).
     Ties go to the lower expert index (a stable sort, so every backend agrees).
     """
+    checks.check_int("top_k", top_k, low=1, high=logits.shape[-1])
     scoring = checks.check_choice("scoring", scoring, SCORINGS)
     scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
     selection = scores if score_bias is None else scores + score_bias.to(scores.dtype)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU: build tilemoe with its CUDA extension, run every test (the
+# GPU ones included), check the extension's kernels with compute-sanitizer, and run the lessons
+# at real sizes (recording their timings under benchmarks/results/). Into $OUT (or ./gpu-check-out)
+# go logs.tgz (every step's log), summary.txt and a copy of the recorded results.
+# Without a git checkout (a copied tree), set TILEMOE_COMMIT to the commit the tree is.
+#   bash tools/gpu_check.sh            # uses python3 as it is: torch, triton, pytest, pybind11,
+#                                      # scikit-build-core must be installed (no downloads)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-check-out}
+logs=$(mktemp -d)
+mkdir -p "$out/results"
+export PYTHONUNBUFFERED=1
+declare -a summary
+
+step() {  # step NAME COMMAND...: run, log to $logs/NAME.log, remember pass/fail and seconds
+    local name=$1; shift
+    local start=$SECONDS
+    echo "=== $name: $*"
+    "$@" >"$logs/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$logs/$name.log"
+    summary+=("$(printf '%-22s %-4s %4ss' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL)" $((SECONDS - start)))")
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$logs/gpu.txt"
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$logs/gpu.txt"
+
+step install python3 -m pip install --no-build-isolation --no-deps -v -e .
+step pytest-gpu python3 -m pytest -m gpu -v -p no:cacheprovider
+step pytest-all python3 -m pytest -q -p no:cacheprovider
+step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_ext.py
+step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_ext.py -k "not T375000"
+step moe-layer-small python3 examples/01_moe_basics/moe_layer.py --record
+step moe-layer-olmoe python3 examples/01_moe_basics/moe_layer.py --preset olmoe-1b-7b --tokens 4096 --record
+step moe-layer-qwen3 python3 examples/01_moe_basics/moe_layer.py --preset qwen3-30b-a3b --tokens 16384 --record
+step moe-layer-dsv3 python3 examples/01_moe_basics/moe_layer.py --preset deepseek-v3 --tokens 4096 --record
+step expert-routing python3 examples/01_moe_basics/expert_routing.py --tokens 65536 --experts 64 --top-k 8
+
+tar czf "$out/logs.tgz" -C "$logs" .
+find benchmarks/results -newer "$logs/gpu.txt" -name '*.json' -exec cp {} "$out/results/" \;
+echo "=== summary"
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
