@@ -40,4 +40,4 @@ if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml CMakeLists.txt csrc -newer "
     "$py" -m pip install -e ".[test,plot]"
     touch "$stamp"
 fi
-"$py" -c 'import torch, tilemoe, tilemoe.cuda as c; print(f"setup.sh: ready - torch {torch.__version__}, tilemoe {tilemoe.__version__}, cuda backend: {c.unavailable_reason() or \"available\"}")'
+"$py" -c 'import torch, tilemoe, tilemoe.cuda as c; r = c.unavailable_reason() or "available"; print(f"setup.sh: ready - torch {torch.__version__}, tilemoe {tilemoe.__version__}, cuda backend: {r}")'
