@@ -14,17 +14,9 @@ import tilemoe
 from moe_cases import RAGGED, forced_routing, make_weights
 from tilemoe import backends
 
+pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
 CPU = torch.device("cpu")
 CPU_BACKENDS = [n for n in backends.BACKENDS if backends.unavailable_reason(n, CPU, torch.float32, 8, 8) is None]
-
-
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(before)
 
 
 def test_poisoning_is_on():

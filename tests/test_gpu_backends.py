@@ -10,17 +10,9 @@ import tilemoe
 from moe_cases import RAGGED, forced_routing, make_weights
 from tilemoe import backends
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
+              pytest.mark.usefixtures("poison_uninitialized_memory")]
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(before)
 
 
 def gpu_backends(dtype, hidden=64, ffn=32):
