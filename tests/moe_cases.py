@@ -53,3 +53,23 @@ RAGGED = {
     "top_k-equals-E": (19, 4, 4, lambda: distinct_ids(19, 4, list(range(4)), seed=4)),
     "tile-plus-one-rows": (129, 1, 2, lambda: torch.cat([torch.zeros(129, 1, dtype=torch.int64)])),
 }
+
+
+def check_metadata(r: Routing, num_tokens: int, top_k: int, num_experts: int):
+    n = num_tokens * top_k
+    ids = r.topk_ids.reshape(-1).long()
+    kept = ids >= 0
+    # the permutation is a bijection of the T*K slots, and slot_position is its inverse
+    assert sorted(r.sorted_slots.tolist()) == list(range(n))
+    assert torch.equal(r.sorted_slots[r.slot_position], torch.arange(n))
+    # counts are the kept slots per expert; offsets are their exclusive prefix sum
+    assert r.counts.dtype == torch.int32 and r.offsets.dtype == torch.int32
+    assert r.counts.tolist() == [int((ids == e).sum()) for e in range(num_experts)]
+    assert r.offsets[0] == 0 and int(r.offsets[-1]) == int(kept.sum())
+    assert bool((r.offsets[1:] >= r.offsets[:-1]).all())
+    # each expert's segment holds exactly its slots, in token order; dropped slots come last
+    for e in range(num_experts):
+        seg = r.sorted_slots[r.offsets[e]:r.offsets[e + 1]]
+        assert bool((ids[seg] == e).all()) and seg.tolist() == sorted(seg.tolist())
+    assert bool((ids[r.sorted_slots[int(r.offsets[-1]):]] == -1).all())
+    assert torch.equal(r.sorted_tokens, r.sorted_slots // max(top_k, 1))

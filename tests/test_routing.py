@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_cases import check_metadata
 from tilemoe import routing as R
 
 
@@ -21,26 +22,6 @@ def routing_problems(draw):
     # Coarse logits make exact ties common, so tie-breaking is exercised too.
     logits = torch.randint(-3, 4, (num_tokens, num_experts), generator=torch.Generator().manual_seed(seed)).float()
     return logits, top_k
-
-
-def check_metadata(r: R.Routing, num_tokens: int, top_k: int, num_experts: int):
-    n = num_tokens * top_k
-    ids = r.topk_ids.reshape(-1).long()
-    kept = ids >= 0
-    # the permutation is a bijection of the T*K slots, and slot_position is its inverse
-    assert sorted(r.sorted_slots.tolist()) == list(range(n))
-    assert torch.equal(r.sorted_slots[r.slot_position], torch.arange(n))
-    # counts are the kept slots per expert; offsets are their exclusive prefix sum
-    assert r.counts.dtype == torch.int32 and r.offsets.dtype == torch.int32
-    assert r.counts.tolist() == [int((ids == e).sum()) for e in range(num_experts)]
-    assert r.offsets[0] == 0 and int(r.offsets[-1]) == int(kept.sum())
-    assert bool((r.offsets[1:] >= r.offsets[:-1]).all())
-    # each expert's segment holds exactly its slots, in token order; dropped slots come last
-    for e in range(num_experts):
-        seg = r.sorted_slots[r.offsets[e]:r.offsets[e + 1]]
-        assert bool((ids[seg] == e).all()) and seg.tolist() == sorted(seg.tolist())
-    assert bool((ids[r.sorted_slots[int(r.offsets[-1]):]] == -1).all())
-    assert torch.equal(r.sorted_tokens, r.sorted_slots // max(top_k, 1))
 
 
 @settings(max_examples=60, deadline=None)

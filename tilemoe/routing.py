@@ -48,6 +48,8 @@ class Routing:
     sorted_tokens [T*K] int64    sorted_slots // K: the row of x each grouped row reads
     slot_position [T*K] int64    the inverse permutation: sorted_slots[slot_position[s]] == s
     capacity      int or None    per-expert capacity that was applied, if any
+    has_empty_slots bool         some slots may hold -1 (dropped by capacity, or padding after
+                                 token rounding): combines must mask them
     """
 
     topk_ids: torch.Tensor
@@ -59,6 +61,7 @@ class Routing:
     sorted_tokens: torch.Tensor
     slot_position: torch.Tensor
     capacity: int | None = None
+    has_empty_slots: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -178,8 +181,13 @@ def build_routing(
     num_experts: int,
     *,
     capacity: int | None = None,
+    has_empty_slots: bool | None = None,
 ) -> Routing:
-    """The metadata of a routing decision: counts, offsets and the permutation grouping slots by expert."""
+    """The metadata of a routing decision: counts, offsets and the permutation grouping slots by expert.
+
+    Slots with id -1 are empty (dropped); has_empty_slots says whether there may be any
+    (default: when a capacity was applied), so that no one has to look (a host sync).
+    """
     num_tokens, top_k = topk_ids.shape
     flat = topk_ids.reshape(-1).long()
     # Dropped slots (-1) sort after every expert, so the kept ones form the prefix [0, offsets[E]).
@@ -197,6 +205,7 @@ def build_routing(
         sorted_tokens=torch.div(sorted_slots, top_k, rounding_mode="floor"),
         slot_position=slot_position,
         capacity=capacity,
+        has_empty_slots=capacity is not None if has_empty_slots is None else has_empty_slots,
     )
 
 

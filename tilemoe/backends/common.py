@@ -24,7 +24,7 @@ def combine(expert_rows: torch.Tensor, routing: Routing) -> torch.Tensor:
     """
     num_tokens, top_k = routing.topk_ids.shape
     rows = expert_rows[routing.slot_position].view(num_tokens, top_k, expert_rows.shape[1])
-    if routing.capacity is not None:
+    if routing.has_empty_slots:
         rows = rows.masked_fill(routing.dropped.unsqueeze(-1), 0)
     weights = routing.topk_weights.to(rows.dtype).unsqueeze(1)
     return torch.bmm(weights, rows).squeeze(1)
