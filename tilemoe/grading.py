@@ -15,9 +15,11 @@ line, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -68,6 +70,9 @@ def main(checks: list[Check], grader_file: str, argv: list[str] | None = None) -
     args = parser.parse_args(argv)
     path = Path(args.file) if args.file else here / ("solution.py" if args.solution else "starter.py")
 
+    if not torch.cuda.is_available():
+        # The checks' tensors are tiny: one thread is fastest, and several spin-wait on a busy machine.
+        torch.set_num_threads(1)
     print(f"Grading {path}")
     try:
         module = load_submission(path)
@@ -104,3 +109,23 @@ def assert_close(actual: object, expected: torch.Tensor, *, rtol: float, atol: f
         worst = tuple(int(i) for i in torch.nonzero(excess == excess.max())[0])
         raise AssertionError(f"{what}: expected {e[worst].item():.6g} at index {list(worst)}, got {a[worst].item():.6g} "
                              f"({int((excess > 0).sum())} of {excess.numel()} elements off; rtol={rtol:g}, atol={atol:g})")
+
+
+@contextlib.contextmanager
+def poisoned_memory():
+    """Inside: every torch.empty / empty_like / new_empty is filled with NaN, so an output buffer that is
+    read before being fully written shows up as NaN instead of as whatever the memory held."""
+    # torch.use_deterministic_algorithms would do, but it also imports torch._inductor (seconds on a
+    # small CPU) to set a flag only compiled code reads; the grader runs eager code: set the eager flag.
+    set_deterministic = getattr(torch._C, "_set_deterministic_algorithms", None) or torch.use_deterministic_algorithms
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    fill_before = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        set_deterministic(True, warn_only=True)  # warn_only: nondeterministic CUDA ops still run
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        set_deterministic(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill_before
