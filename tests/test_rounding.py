@@ -133,3 +133,8 @@ def test_adaptive_rounds_up_an_expert_that_would_orphan_a_token():
     assert out.stats.counts_after == [8, 4]  # expert 0 rounded up to keep token 4
     _, _, down = rounded(logits, 1, 4, "down")
     assert down.stats.tokens_without_expert == 1  # what adaptive avoided
+
+
+def test_target_counts_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match=r"mode: expected one of 'down', 'up', 'nearest', 'adaptive', got 'ceil'"):
+        rounding.target_counts(torch.tensor([3]), 4, "ceil", 10)

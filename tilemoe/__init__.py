@@ -5,7 +5,7 @@
     ref = tilemoe.reference_moe(x, router_weight, w_gate_up, w_down, top_k=2)
 
 Modules: reference (ground truth), routing (top-k, metadata, capacity, statistics), backends
-(ways of running the experts), presets (model shapes), bench (timing and recording), cuda (the
+(ways of running the experts), rounding (tile-aware token rounding), presets (model shapes), bench (timing and recording), cuda (the
 compiled extension), checks (input validation).
 """
 
@@ -13,12 +13,13 @@ from .backends import BACKENDS, available_backends
 from .moe import moe_forward
 from .presets import PRESETS, MoEConfig, get_preset
 from .reference import TOLERANCE, reference_moe, rel_error
+from .rounding import round_routing
 from .routing import Routing, load_balancing_loss, load_stats, route, router_logits
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "MoEConfig", "PRESETS", "Routing", "TOLERANCE", "available_backends", "get_preset",
-    "load_balancing_loss", "load_stats", "moe_forward", "reference_moe", "rel_error", "route",
+    "load_balancing_loss", "load_stats", "moe_forward", "reference_moe", "rel_error", "round_routing", "route",
     "router_logits",
 ]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checks
-from .routing import Routing, build_routing
+from .routing import Routing, build_routing, tile_utilization
 
 MODES = ("down", "up", "nearest", "adaptive")
 
@@ -69,6 +69,7 @@ def target_counts(counts: torch.Tensor, tile_size: int, mode: str, num_tokens: i
     remainder of half a tile or more up. "adaptive" rounds to whichever multiple is fewer tokens
     away (up on a tie, so that no token is dropped for nothing).
     """
+    checks.check_choice("mode", mode, MODES)
     counts = counts.long()
     down = counts // tile_size * tile_size
     up = torch.clamp(-(-counts // tile_size) * tile_size, max=num_tokens)
@@ -81,7 +82,7 @@ def target_counts(counts: torch.Tensor, tile_size: int, mode: str, num_tokens: i
     return torch.where(counts - down < up - counts, down, up)
 
 
-def _rank_candidates(selected: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def rank_candidates(selected: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """rank[t, e]: position of token t in expert e's candidate order (0 = first kept).
 
     Order: tokens that selected e first, then the others; inside each group, higher score first;
@@ -99,12 +100,6 @@ def _rank_candidates(selected: torch.Tensor, scores: torch.Tensor) -> torch.Tens
 
 def _padded_rows(counts: torch.Tensor, tile_size: int) -> int:
     return int((-(-counts // tile_size) * tile_size - counts).sum())
-
-
-def _utilization(counts: torch.Tensor, tile_size: int) -> float:
-    """Real rows over tile rows; 1.0 when there are no rows at all (no tile, no waste)."""
-    tiles = int((-(-counts // tile_size)).sum())
-    return float(counts.sum()) / (tiles * tile_size) if tiles else 1.0
 
 
 def round_routing(
@@ -140,7 +135,7 @@ def round_routing(
     selected.scatter_(1, torch.where(ids < 0, num_experts, ids), True)
     selected = selected[:, :num_experts]
     counts = selected.sum(dim=0)
-    rank = _rank_candidates(selected, router_scores)
+    rank = rank_candidates(selected, router_scores)
     target = target_counts(counts, tile_size, mode, num_tokens)
     keep = rank < target.unsqueeze(0)
 
@@ -169,7 +164,7 @@ def round_routing(
     stats = RoundingStats(
         mode=mode, tile_size=tile_size,
         counts_before=counts.tolist(), counts_after=after.tolist(),
-        utilization_before=_utilization(counts, tile_size), utilization_after=_utilization(after, tile_size),
+        utilization_before=tile_utilization(counts, tile_size), utilization_after=tile_utilization(after, tile_size),
         padded_rows_before=_padded_rows(counts, tile_size), padded_rows_after=_padded_rows(after, tile_size),
         pairs_dropped=int((selected & ~keep).sum()), pairs_added=int((keep & ~selected).sum()),
         tokens_without_expert=int((selected.any(dim=1) & ~keep.any(dim=1)).sum()),

@@ -345,11 +345,14 @@ def tile_utilization(loads, tile_size: int) -> float:
     """Real rows over the rows of the tiles a grouped GEMM runs: sum n_i / (tile * sum ceil(n_i / tile)).
 
     An expert with 142 tokens and 128-row tiles runs two tiles (256 rows) for 142 real rows.
+    No rows at all run no tile and waste nothing: 1.0.
     """
     checks.check_int("tile_size", tile_size, low=1)
-    x = _loads(loads)
+    x = torch.as_tensor(loads).detach().to("cpu", torch.float64).reshape(-1)
+    if (x < 0).any() or not torch.isfinite(x).all():
+        checks.fail("loads", "finite counts >= 0", x.tolist())
     tiles = torch.ceil(x / tile_size).sum()
-    return float(x.sum() / (tiles * tile_size))
+    return float(x.sum() / (tiles * tile_size)) if tiles > 0 else 1.0
 
 
 @dataclass(frozen=True)
