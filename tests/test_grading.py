@@ -65,3 +65,10 @@ def test_assert_close_checks_every_element(actual, message):
 
 def test_assert_close_passes_within_tolerance():
     grading.assert_close(torch.tensor([1.0, math.pi]), torch.tensor([1.0005, math.pi]), rtol=1e-3, atol=0, what="x")
+
+
+def test_a_crash_points_into_the_submission(tmp_path, capsys):
+    path = tmp_path / "crash.py"
+    path.write_text("import torch\ndef double(x):\n    return torch.ones(2) @ torch.ones(3)\n")
+    assert grading.main([check_double], str(tmp_path / "test.py"), ["--file", str(path)]) == 1
+    assert "(crash.py:3)" in capsys.readouterr().out

@@ -42,10 +42,6 @@ def load_submission(path: Path | str) -> ModuleType:
     return module
 
 
-def _where(frame_file: str) -> str:
-    return Path(frame_file).name
-
-
 def run_check(check: Check, module: ModuleType) -> tuple[bool, str]:
     """(passed, one-line detail) of one check."""
     try:
@@ -54,9 +50,10 @@ def run_check(check: Check, module: ModuleType) -> tuple[bool, str]:
         return False, "not implemented yet"
     except AssertionError as e:
         return False, str(e) or "assertion failed"
-    except Exception as e:  # a crash in the submission: one line, with where it happened
-        last = traceback.extract_tb(e.__traceback__)[-1]
-        return False, f"raised {type(e).__name__}: {e} ({_where(last.filename)}:{last.lineno})"
+    except Exception as e:  # a crash: one line, at the deepest line of the submission's own file
+        frames = traceback.extract_tb(e.__traceback__)
+        mine = [f for f in frames if f.filename == getattr(module, "__file__", None)] or frames
+        return False, f"raised {type(e).__name__}: {e} ({Path(mine[-1].filename).name}:{mine[-1].lineno})"
     return True, ""
 
 

@@ -292,7 +292,7 @@ def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_expert
     Perfectly uniform routing gives 1.0; imbalance raises it, up to E.
     Dropped slots (id -1) are not counted in f.
     """
-    probs = logits.float().softmax(dim=-1)
+    probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
     fraction = slot_counts(topk_ids, num_experts).to(probs.dtype) / topk_ids.numel()
     return num_experts * (fraction * probs.mean(dim=0)).sum()
 
