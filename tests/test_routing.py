@@ -113,6 +113,7 @@ def test_tile_utilization_by_hand():
     assert R.tile_utilization([128, 256], 128) == 1.0
     assert R.tile_utilization([1], 64) == pytest.approx(1 / 64)
     assert R.tile_utilization([0, 0], 128) == 1.0  # no rows, no tiles, no waste
+    assert R.tile_rows([142, 128, 0], 128) == 384
 
 
 @pytest.mark.parametrize("bad, match", [([], "loads: expected at least one expert"),

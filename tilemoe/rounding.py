@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checks
-from .routing import Routing, build_routing, tile_utilization
+from .routing import Routing, build_routing, tile_rows, tile_utilization
 
 MODES = ("down", "up", "nearest", "adaptive")
 
@@ -98,10 +98,6 @@ def rank_candidates(selected: torch.Tensor, scores: torch.Tensor) -> torch.Tenso
     return rank
 
 
-def _padded_rows(counts: torch.Tensor, tile_size: int) -> int:
-    return int((-(-counts // tile_size) * tile_size - counts).sum())
-
-
 def round_routing(
     router_scores: torch.Tensor,
     routing: Routing,
@@ -165,7 +161,8 @@ def round_routing(
         mode=mode, tile_size=tile_size,
         counts_before=counts.tolist(), counts_after=after.tolist(),
         utilization_before=tile_utilization(counts, tile_size), utilization_after=tile_utilization(after, tile_size),
-        padded_rows_before=_padded_rows(counts, tile_size), padded_rows_after=_padded_rows(after, tile_size),
+        padded_rows_before=tile_rows(counts, tile_size) - int(counts.sum()),
+        padded_rows_after=tile_rows(after, tile_size) - int(after.sum()),
         pairs_dropped=int((selected & ~keep).sum()), pairs_added=int((keep & ~selected).sum()),
         tokens_without_expert=int((selected.any(dim=1) & ~keep.any(dim=1)).sum()),
     )

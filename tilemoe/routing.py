@@ -341,6 +341,13 @@ def min_max_ratio(loads) -> float:
     return float(x.min() / x.max())
 
 
+def tile_rows(loads, tile_size: int) -> int:
+    """Rows a tile-based grouped GEMM runs: every expert's count rounded up to whole tiles."""
+    checks.check_int("tile_size", tile_size, low=1)
+    x = torch.as_tensor(loads).detach().to("cpu", torch.int64).reshape(-1)
+    return int((-(-x // tile_size) * tile_size).sum())
+
+
 def tile_utilization(loads, tile_size: int) -> float:
     """Real rows over the rows of the tiles a grouped GEMM runs: sum n_i / (tile * sum ceil(n_i / tile)).
 

@@ -37,6 +37,8 @@ step moe-layer-olmoe python3 examples/01_moe_basics/moe_layer.py --preset olmoe-
 step moe-layer-qwen3 python3 examples/01_moe_basics/moe_layer.py --preset qwen3-30b-a3b --tokens 16384 --record
 step moe-layer-dsv3 python3 examples/01_moe_basics/moe_layer.py --preset deepseek-v3 --tokens 4096 --record
 step expert-routing python3 examples/01_moe_basics/expert_routing.py --tokens 65536 --experts 64 --top-k 8
+step graders bash -c 'for t in exercises/*/test.py; do python3 "$t" --solution || exit 1; done'
+step rounding-gemm python3 examples/04_token_rounding/routing_comparison.py --record
 
 tar czf "$out/logs.tgz" -C "$logs" .
 find benchmarks/results -newer "$logs/gpu.txt" -name '*.json' -exec cp {} "$out/results/" \;
