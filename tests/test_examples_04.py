@@ -73,7 +73,7 @@ def test_token_rounding_rejects_bad_tile():
 
 
 def test_routing_comparison_cpu_prints_the_model_not_a_measurement():
-    out = ok("routing_comparison.py", "--experts", "16", "64", "--tokens", "1024", "--tile", "32",
+    out = ok("routing_comparison.py", "--device", "cpu", "--experts", "16", "64", "--tokens", "1024", "--tile", "32",
              "--hidden", "64", "--ffn", "32", "--diff-tokens", "256")
     assert "modelled, not measured" in out and "(c) Measured" not in out
     assert "the first 256 of the 1024 tokens" in out and "1.16x" in out and "the paper's number" in out
