@@ -33,6 +33,13 @@ def test_record_writes_rows_with_provenance(tmp_path):
     assert data["device"].startswith("CPU")
 
 
+def test_record_never_overwrites_a_run_of_the_same_day(tmp_path):
+    first = bench.record("same", [{"run": 1}], "cpu", out_dir=tmp_path)
+    second = bench.record("same", [{"run": 2}], "cpu", out_dir=tmp_path)
+    assert first != second and second.name.endswith("-2.json")
+    assert json.loads(first.read_text())["rows"] == [{"run": 1}]
+
+
 @pytest.mark.parametrize("name, rows, exc", [("../escape", [], ValueError), ("ok", {"a": 1}, TypeError)])
 def test_record_rejects_bad_arguments(tmp_path, name, rows, exc):
     with pytest.raises(exc):

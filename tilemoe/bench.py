@@ -132,7 +132,10 @@ def results_dir(device: torch.device | str) -> Path:
 
 def record(name: str, rows: list[dict], device: torch.device | str, *, out_dir: Path | str | None = None,
            extra: dict | None = None) -> Path:
-    """Write rows with their provenance to <out_dir or results_dir(device)>/<name>-<UTC date>.json."""
+    """Write rows with their provenance to <out_dir or results_dir(device)>/<name>-<UTC date>.json.
+
+    A later run of the same name on the same day never overwrites an earlier one: it gets -2, -3, ...
+    """
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
         checks.fail("name", "a file-name stem of letters, digits, '.', '_' or '-'", repr(name))
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -141,6 +144,10 @@ def record(name: str, rows: list[dict], device: torch.device | str, *, out_dir: 
     payload = {**env, **(extra or {}), "rows": rows}
     folder = Path(out_dir) if out_dir is not None else results_dir(device)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}-{env['date'][:10]}.json"
+    stem = f"{name}-{env['date'][:10]}"
+    path, n = folder / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.json"
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     return path
