@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from . import grouped_mm, torch_loop
+from . import grouped_mm, sonic, torch_loop
 
-BACKENDS = {m.NAME: m for m in (torch_loop, grouped_mm)}
+BACKENDS = {m.NAME: m for m in (torch_loop, grouped_mm, sonic)}
 
 # Fastest first: what backend="auto" tries, per device type.
-AUTO_ORDER = {"cuda": ("grouped_mm", "torch"), "cpu": ("torch", "grouped_mm")}
+AUTO_ORDER = {"cuda": ("grouped_mm", "sonicmoe", "torch"), "cpu": ("torch", "grouped_mm")}
 
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, hidden: int, ffn: int) -> str | None:
