@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from . import grouped_mm, sonic, torch_loop
+from . import grouped_mm, sonic, torch_loop, triton_fused
 
-BACKENDS = {m.NAME: m for m in (torch_loop, grouped_mm, sonic)}
+BACKENDS = {m.NAME: m for m in (torch_loop, grouped_mm, triton_fused, sonic)}
 
 # Fastest first: what backend="auto" tries, per device type.
-AUTO_ORDER = {"cuda": ("grouped_mm", "sonicmoe", "torch"), "cpu": ("torch", "grouped_mm")}
+AUTO_ORDER = {"cuda": ("triton", "grouped_mm", "sonicmoe", "torch"), "cpu": ("torch", "grouped_mm", "triton")}
 
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, hidden: int, ffn: int) -> str | None:

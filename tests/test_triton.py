@@ -1,0 +1,173 @@
+"""Backend "triton" and its kernels against the reference, on ragged routing, memory poisoned.
+
+On a machine without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before tilemoe is imported,
+so the kernels run in Triton's interpreter (float16/float32, small shapes). On a GPU the same
+checks run compiled, in bfloat16 too (pytest -m gpu).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tilemoe
+from moe_cases import RAGGED, distinct_ids, forced_routing, make_weights
+from tilemoe import backends
+
+pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+REASON = backends.unavailable_reason("triton", DEVICE, torch.float32, 64, 32)
+needs_triton = pytest.mark.skipif(REASON is not None, reason=str(REASON))
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+def ops():
+    from tilemoe.triton import configs, ops
+
+    return ops, configs
+
+
+def check(x, w, top_k, routing, *, tile_configs=None, store_pre=False):
+    """Run the kernels, compare y (and the saved activations) with the float64 reference."""
+    ops_mod, _ = ops()
+    y, saved = ops_mod.moe_experts(x, routing, w["w_gate_up"], w["w_down"], tile_configs=tile_configs, store_pre=store_pre)
+    ref = tilemoe.reference_moe(x.double(), **{k: v.double() for k, v in w.items()}, top_k=top_k, routing=routing)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    err = tilemoe.rel_error(y, ref)
+    assert err <= tilemoe.TOLERANCE[x.dtype], err
+    return y, saved
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(RAGGED))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_matches_reference_on_ragged_routing(case, dtype):
+    num_tokens, top_k, num_experts, ids = RAGGED[case]
+    w = make_weights(64, 48, num_experts, dtype=dtype, device=DEVICE, seed=11)
+    x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    routing = forced_routing(ids().to(DEVICE), num_experts, seed=4)
+    y = tilemoe.moe_forward(x, **w, top_k=top_k, backend="triton", routing=routing)
+    ref = tilemoe.reference_moe(x.double(), **{k: v.double() for k, v in w.items()}, top_k=top_k, routing=routing)
+    assert tilemoe.rel_error(y, ref) <= tilemoe.TOLERANCE[dtype]
+
+
+def tile(block_m, block_n, block_k, persistent=False):
+    _, configs = ops()
+    return configs.TileConfig(block_m, block_n, block_k, group_m=2, num_warps=4, num_stages=2, persistent=persistent)
+
+
+@needs_triton
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_every_tile_shape_and_launch_on_ragged_shapes(block_m, persistent):
+    # H = 40 and I = 24 are not multiples of BLOCK_K / BLOCK_N: the masked K loop and clamped columns.
+    num_experts, top_k = 6, 2
+    w = make_weights(40, 24, num_experts, device=DEVICE, seed=2)
+    x = torch.randn(71, 40, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ids = distinct_ids(71, top_k, [0, 2, 3, 5], seed=6, first=3)  # empty experts 1 and 4, expert 3 in every token
+    routing = forced_routing(ids.to(DEVICE), num_experts, seed=1)
+    cfg = tile(block_m, 16, 16, persistent)
+    check(x, w, top_k, routing, tile_configs=(cfg, cfg))
+
+
+@needs_triton
+def test_dropped_slots_by_capacity_and_rounding_are_never_summed():
+    w = make_weights(64, 32, 8, device=DEVICE, seed=3)
+    x = torch.randn(90, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    logits = tilemoe.router_logits(x, w["router_weight"])
+    dropped = tilemoe.route(logits, 2, capacity_factor=0.5)
+    assert bool(dropped.dropped.any())
+    check(x, w, 2, dropped)
+    rounded = tilemoe.round_routing(logits.softmax(-1), tilemoe.route(logits, 2), 16, "down").routing
+    assert rounded.has_empty_slots
+    check(x, w, rounded.top_k, rounded, tile_configs=(tile(16, 16, 32), tile(16, 16, 32)))
+
+
+@needs_triton
+def test_saved_pre_activation_and_activation_are_the_expert_products():
+    num_experts, top_k = 4, 2
+    w = make_weights(32, 16, num_experts, device=DEVICE, seed=7)
+    x = torch.randn(23, 32, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    routing = forced_routing(distinct_ids(23, top_k, [0, 1, 3], seed=2).to(DEVICE), num_experts)
+    _, saved = check(x, w, top_k, routing, store_pre=True)
+    end = int(routing.offsets[-1])
+    rows = x[routing.sorted_tokens[:end]].double()
+    expert = torch.repeat_interleave(torch.arange(num_experts, device=DEVICE), routing.counts.long())
+    pre = torch.einsum("rh,rnh->rn", rows, w["w_gate_up"].double()[expert])
+    gate, up = pre.chunk(2, dim=1)
+    assert tilemoe.rel_error(saved["pre"][:end], pre) <= 1e-5
+    assert tilemoe.rel_error(saved["act"][:end], torch.nn.functional.silu(gate) * up) <= 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_schedule_lists_every_expert_block_once(block_m):
+    ops_mod, _ = ops()
+    counts = [0, 5, 64, 0, 65, 1, 0, 130]
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(sum(counts))]
+    routing = forced_routing(ids.view(-1, 1).to(DEVICE), len(counts))
+    sched = ops_mod.Schedule(routing, block_m)
+    want = [(e, start) for e, c in enumerate(counts) for start in range(sum(counts[:e]), sum(counts[:e]) + c, block_m)]
+    n = int(sched.num_blocks)
+    assert n == len(want) and sched.max_blocks >= n
+    assert list(zip(sched.expert[:n].tolist(), sched.row[:n].tolist())) == want
+    assert bool((sched.expert[n:] == -1).all())
+
+
+def test_configs_rule_and_table_lookup():
+    _, configs = ops()
+    assert configs.rule("up", 1).block_m == 16 and configs.rule("down", 40).block_m == 64
+    assert configs.rule("up", 4096).block_m == 128
+    assert configs.pick("up", 1024, 2048, 4096, None) == configs.rule("up", 4096)
+    assert configs.pick("up", 1024, 2048, 4096, "a-gpu-never-tuned") == configs.rule("up", 4096)
+
+
+def test_unavailable_reasons_name_the_problem():
+    reason = backends.unavailable_reason("triton", torch.device("cpu"), torch.bfloat16, 64, 32)
+    assert reason is not None and ("bf16" in reason or "interpreter" in reason)
+    ops_mod, _ = ops()
+    if ops_mod.interpreted():
+        assert "TRITON_INTERPRET" in ops_mod.unavailable_reason(torch.device("cuda"), torch.bfloat16)
+    else:
+        assert "interpreter" in ops_mod.unavailable_reason(torch.device("cpu"), torch.float32)
+
+
+@needs_triton
+def test_noncontiguous_weight_is_refused_before_any_kernel():
+    w = make_weights(32, 16, 4, device=DEVICE)
+    w["w_down"] = w["w_down"].transpose(1, 2).contiguous().transpose(1, 2)
+    x = torch.randn(5, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="w_down: expected a contiguous tensor"):
+        tilemoe.moe_forward(x, **w, top_k=2, backend="triton")
+
+
+# -- GPU only -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["olmoe-1b-7b", "qwen3-30b-a3b", "deepseek-v3"])
+@pytest.mark.parametrize("tokens", [1, 64, 1000])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_triton_at_real_shapes_bf16(preset, tokens):
+    cfg = tilemoe.get_preset(preset)
+    w = cfg.init_weights(device="cuda", dtype=torch.bfloat16, shared=False)
+    x = torch.randn(tokens, cfg.hidden, device="cuda").bfloat16()  # 1000: not a multiple of any tile
+    routing = tilemoe.route(tilemoe.router_logits(x, w["router_weight"]), cfg.top_k, **cfg.router_options())
+    y = tilemoe.moe_forward(x, **w, top_k=cfg.top_k, backend="triton", routing=routing)
+    ref = tilemoe.reference_moe(x.float(), **{k: v.float() for k, v in w.items()}, top_k=cfg.top_k, routing=routing)
+    assert tilemoe.rel_error(y, ref) <= tilemoe.TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_triton_forward_has_no_host_sync():
+    cfg = tilemoe.get_preset("olmoe-1b-7b")
+    w = cfg.init_weights(device="cuda", dtype=torch.bfloat16, shared=False)
+    x = torch.randn(4096, cfg.hidden, device="cuda").bfloat16()
+    tilemoe.moe_forward(x, **w, top_k=cfg.top_k, backend="triton", **cfg.router_options())  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tilemoe.moe_forward(x, **w, top_k=cfg.top_k, backend="triton", **cfg.router_options())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,0 +1,76 @@
+"""Tile configurations of the Triton grouped GEMM: a tuned table per GPU, a rule everywhere else.
+
+A configuration is the tile shape (BLOCK_M x BLOCK_N x BLOCK_K), GROUP_M (how many row blocks
+sweep the N tiles together), the warps per program, the software-pipelining depth and whether the
+launch is persistent (a few programs per SM looping over tiles) or one program per tile.
+
+The rule follows the rows each expert gets, m = T*K/E on average:
+- decode (m <= 16): a 16-row tile, the smallest tl.dot takes; the GEMM reads each touched expert's
+  weights once and is memory-bound, so many narrow N tiles keep every SM loading;
+- small batches (m <= 64): 64-row tiles;
+- prefill: 128 x 128 tiles, deep pipelines, 8 warps: the tensor-core-bound shape.
+
+``tuned/<gpu>.json`` (written by benchmarks/tune_triton.py on that GPU) overrides the rule for the
+shapes it was measured on: the nearest measured m of the same (projection, N, K).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+TUNED_DIR = Path(__file__).parent / "tuned"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    persistent: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def rule(projection: str, rows_per_expert: float) -> TileConfig:
+    """The default configuration for ``projection`` ("up" or "down") at m rows per expert."""
+    if rows_per_expert <= 16:
+        return TileConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
+    if rows_per_expert <= 64:
+        return TileConfig(64, 64, 64, group_m=4, num_warps=4, num_stages=4)
+    if projection == "up":  # two accumulators (gate and up): shallower pipeline, same registers
+        return TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
+    return TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)
+
+
+@lru_cache(maxsize=None)
+def tuned_table(gpu_slug: str) -> tuple[dict, ...]:
+    """The rows of tuned/<gpu_slug>.json (empty when this GPU was never tuned)."""
+    path = TUNED_DIR / f"{gpu_slug}.json"
+    if not path.exists():
+        return ()
+    return tuple(json.loads(path.read_text())["configs"])
+
+
+def pick(projection: str, n: int, k: int, rows_per_expert: float, gpu_slug: str | None) -> TileConfig:
+    """The tuned configuration of the nearest measured m for this GEMM on this GPU, else ``rule``.
+
+    Only rows of the same bucket as the rule (decode, small, prefill) are considered, so a table
+    measured at prefill never picks the tiles of a decode batch.
+    """
+    default = rule(projection, rows_per_expert)
+    if gpu_slug is None:
+        return default
+    same = [r for r in tuned_table(gpu_slug)
+            if r["projection"] == projection and r["n"] == n and r["k"] == k
+            and rule(projection, r["rows_per_expert"]).block_m == default.block_m]
+    if not same:
+        return default
+    best = min(same, key=lambda r: abs(r["rows_per_expert"] - rows_per_expert))
+    return TileConfig(**best["config"])
