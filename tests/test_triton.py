@@ -171,3 +171,18 @@ def test_triton_forward_has_no_host_sync():
         tilemoe.moe_forward(x, **w, top_k=cfg.top_k, backend="triton", **cfg.router_options())
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_triton
+def test_gradients_flow_to_x_the_router_and_both_weights():
+    w = make_weights(32, 16, 4, device=DEVICE, seed=12)
+    x = torch.randn(37, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ours = {k: v.clone().requires_grad_() for k, v in w.items()}
+    ref_w = {k: v.double().requires_grad_() for k, v in w.items()}
+    xs, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    dy = torch.randn(37, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    tilemoe.moe_forward(xs, **ours, top_k=2, backend="triton").backward(dy)
+    tilemoe.reference_moe(x64, **ref_w, top_k=2).backward(dy.double())
+    assert tilemoe.rel_error(xs.grad, x64.grad) <= 1e-4
+    for name in ours:
+        assert tilemoe.rel_error(ours[name].grad, ref_w[name].grad) <= 1e-4, name

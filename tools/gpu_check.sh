@@ -6,6 +6,7 @@
 # Without a git checkout (a copied tree), set TILEMOE_COMMIT to the commit the tree is.
 #   bash tools/gpu_check.sh            # uses python3 as it is: torch, triton, pytest, pybind11,
 #                                      # scikit-build-core must be installed (no downloads)
+#   bash tools/gpu_check.sh install triton-tests bench-variants   # only the named steps, in this file's order
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check-out}
@@ -14,8 +15,10 @@ mkdir -p "$out/results"
 export PYTHONUNBUFFERED=1
 declare -a summary
 
+only=" $* "
 step() {  # step NAME COMMAND...: run, log to $logs/NAME.log, remember pass/fail and seconds
     local name=$1; shift
+    [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || return 0
     local start=$SECONDS
     echo "=== $name: $*"
     "$@" >"$logs/$name.log" 2>&1
@@ -39,8 +42,11 @@ step moe-layer-dsv3 python3 examples/01_moe_basics/moe_layer.py --preset deepsee
 step expert-routing python3 examples/01_moe_basics/expert_routing.py --tokens 65536 --experts 64 --top-k 8
 step graders bash -c 'for t in exercises/*/test.py; do python3 "$t" --solution || exit 1; done'
 step rounding-gemm python3 examples/04_token_rounding/routing_comparison.py --record
+step triton-tests python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_triton.py tests/test_gpu_backends.py
+step triton-tune python3 benchmarks/tune_triton.py
+step bench-variants python3 benchmarks/bench_moe_variants.py --preset all --record --plot "$out/moe_variants.png"
 
 tar czf "$out/logs.tgz" -C "$logs" .
-find benchmarks/results -newer "$logs/gpu.txt" -name '*.json' -exec cp {} "$out/results/" \;
+find benchmarks/results tilemoe/triton/tuned -newer "$logs/gpu.txt" -name '*.json' -exec cp {} "$out/results/" \; 2>/dev/null
 echo "=== summary"
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

@@ -4,6 +4,11 @@ The gather of x's rows is fused into the up-projection's loads, SwiGLU into its 
 routing weights into the down-projection's epilogue, and the combine is one sum over each token's
 K rows. Three kernel launches after routing; no host synchronization.
 
+Gradients: the backward pass is not written in Triton yet (issue #9). It recomputes the forward
+through the PyTorch path ("grouped_mm" where it runs these inputs, else the "torch" loop) and
+differentiates that: correct gradients for x, the routing weights (so the router) and both weight
+tensors, at the PyTorch path's speed plus one extra forward.
+
 Runs on NVIDIA GPUs in bfloat16, float16 or float32 (float32 without TF32: exact fp32 products),
 and on the CPU under TRITON_INTERPRET=1 (float16/float32; Triton must be imported after the
 variable is set). Triton is imported on first use, so that setting the variable late still works.
@@ -11,10 +16,13 @@ variable is set). Triton is imported on first use, so that setting the variable 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .. import checks
 from ..routing import Routing
+from . import grouped_mm, torch_loop
 
 NAME = "triton"
 
@@ -53,9 +61,33 @@ def check_inputs(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_d
                     f"T = {routing.num_tokens}, E = {routing.num_experts}")
 
 
+class _Experts(torch.autograd.Function):
+    """Forward: the Triton kernels. Backward: recompute through the PyTorch path, differentiate it."""
+
+    @staticmethod
+    def forward(ctx, x, topk_weights, w_gate_up, w_down, routing):
+        y, _ = _ops().moe_experts(x, routing, w_gate_up, w_down)
+        ctx.save_for_backward(x, topk_weights, w_gate_up, w_down)
+        ctx.routing = routing
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        x = inputs[0]
+        fallback = grouped_mm if grouped_mm.unavailable_reason(x.device, x.dtype, x.shape[1], inputs[3].shape[2]) is None else torch_loop
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
+            routing = dataclasses.replace(ctx.routing, topk_weights=leaves[1])
+            y = fallback.experts(leaves[0], routing, leaves[2], leaves[3])
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            grads = iter(torch.autograd.grad(y, wanted, dy))
+        return (*(next(grads) if need else None for need in needs), None)
+
+
 def experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     check_inputs(x, routing, w_gate_up, w_down)
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
-    y, _ = _ops().moe_experts(x, routing, w_gate_up, w_down)
-    return y
+    return _Experts.apply(x, routing.topk_weights, w_gate_up, w_down, routing)

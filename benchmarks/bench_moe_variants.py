@@ -1,0 +1,258 @@
+"""
+Every way of running an MoE layer, side by side
+===============================================
+
+What you will learn: how far each way of running the experts is from the floor, at decode (1 and
+64 tokens) and prefill (4096 and 16384 tokens), on the chapter's model shapes. Every variant is
+checked against ``tilemoe.reference_moe`` on the same inputs before it is timed, and every ratio is
+against baselines measured in the same run.
+
+Run it::
+
+    .venv/bin/python benchmarks/bench_moe_variants.py                  # CPU: small preset, seconds
+    python benchmarks/bench_moe_variants.py --preset all --record      # GPU: 4 models x 1/64/4096/16384 tokens
+    python benchmarks/bench_moe_variants.py --preset olmoe-1b-7b --tokens 16384 --variants grouped_mm triton
+
+Variants (those this machine cannot run are listed with the reason and skipped):
+
+- ``torch``: the classic loop, one matmul pair per expert (a host sync per forward);
+- ``grouped_mm``: PyTorch's grouped GEMM (CUTLASS on Hopper): **the baseline of every speedup**;
+- ``triton``: the chapter's fused Triton kernels (tilemoe/triton/);
+- ``triton+rounding``: the same kernels on a routing rounded to the 128-row tile ("nearest",
+  tilemoe.rounding); rounding changes which tokens meet which expert, so it is checked against
+  the reference run on that same rounded routing, and its routing is made before timing (it reads
+  statistics on the host): its time is the experts only, next to ``triton experts`` (the experts
+  only, on the top-k routing);
+- ``sonicmoe``: SonicMoE's kernels (arXiv 2512.14080) on tilemoe's routing, when installed;
+- ``dense floor``: two cuBLAS GEMMs with the layer's FLOPs and no routing ([T*K, H] x [H, 2I]
+  and [T*K, I] x [I, H]): what perfect grouped kernels approach.
+
+Every layer variant's time is the whole forward through ``tilemoe.moe_forward``: router logits,
+top-k, routing metadata, experts, combine. FLOPs: 6*T*K*H*I. Peak memory: what one forward
+allocates beyond the inputs and weights. Prints one table per preset; ``--record`` writes the rows
+to benchmarks/results/<gpu>/moe_variants-<date>.json, ``--plot`` a PNG of TFLOP/s against tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import site
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tabulate import tabulate
+
+# SonicMoE installed with `pip install --target DIR`: TILEMOE_EXTRA_SITE=DIR (its .pth files count).
+if os.environ.get("TILEMOE_EXTRA_SITE"):
+    site.addsitedir(os.environ["TILEMOE_EXTRA_SITE"])
+
+import tilemoe  # noqa: E402
+from tilemoe import backends, bench  # noqa: E402
+
+LAYER_VARIANTS = ("torch", "grouped_mm", "triton", "sonicmoe")
+EXPERT_VARIANTS = ("triton experts", "triton+rounding")
+VARIANTS = (*LAYER_VARIANTS, *EXPERT_VARIANTS, "dense floor")
+BASELINE = "grouped_mm"
+GPU_PRESETS = ("olmoe-1b-7b", "qwen3-30b-a3b", "deepseek-v3", "mixtral-8x7b")
+GPU_TOKENS = (1, 64, 4096, 16384)
+ROUNDING_TILE = 128
+
+
+@dataclass
+class Case:
+    """One preset at one token count: inputs, weights, the routing, and the reference output."""
+
+    cfg: tilemoe.MoEConfig
+    tokens: int
+    x: torch.Tensor
+    weights: dict
+    routing: tilemoe.Routing
+
+    def forward(self, backend: str, routing: tilemoe.Routing | None = None) -> torch.Tensor:
+        return tilemoe.moe_forward(self.x, **self.weights, top_k=self.cfg.top_k, backend=backend,
+                                   routing=routing, **self.cfg.router_options())
+
+    def experts(self, backend: str, routing: tilemoe.Routing) -> torch.Tensor:
+        """The backend's experts alone on a routing made beforehand (any width K')."""
+        return backends.BACKENDS[backend].experts(self.x, routing, self.weights["w_gate_up"], self.weights["w_down"])
+
+    def reference(self, routing: tilemoe.Routing) -> torch.Tensor:
+        compute = torch.promote_types(self.x.dtype, torch.float32)
+        return tilemoe.reference_moe(self.x.to(compute), **{k: v.to(compute) for k, v in self.weights.items()},
+                                     top_k=self.cfg.top_k, routing=routing)
+
+
+def make_case(cfg: tilemoe.MoEConfig, tokens: int, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
+    weights = cfg.init_weights(device=device, dtype=dtype, seed=seed, shared=False)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(tokens, cfg.hidden, generator=gen, device=device).to(dtype)
+    routing = tilemoe.route(tilemoe.router_logits(x, weights["router_weight"]), cfg.top_k, **cfg.router_options())
+    return Case(cfg, tokens, x, weights, routing)
+
+
+def rounded_routing(case: Case) -> tilemoe.Routing:
+    logits = tilemoe.router_logits(case.x, case.weights["router_weight"])
+    scores = logits.softmax(-1) if case.cfg.scoring == "softmax" else logits.sigmoid()
+    return tilemoe.round_routing(scores, case.routing, ROUNDING_TILE, "nearest", renormalize=case.cfg.renormalize,
+                                 routed_scaling=case.cfg.routed_scaling).routing
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Bytes one call allocates beyond what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def dense_floor(case: Case) -> Callable[[], object]:
+    """Two plain GEMMs with the layer's FLOPs: [T*K, H] x [H, 2I], then [T*K, I] x [I, H] (one
+    expert's weights: the floor has no routing)."""
+    cfg, slots = case.cfg, case.tokens * case.cfg.top_k
+    a = torch.randn(slots, cfg.hidden, device=case.x.device).to(case.x.dtype)
+    act = torch.randn(slots, cfg.ffn, device=case.x.device).to(case.x.dtype)
+    w1, w2 = case.weights["w_gate_up"][0], case.weights["w_down"][0]
+    return lambda: (torch.mm(a, w1.t()), torch.mm(act, w2.t()))
+
+
+def why_not(name: str, device: torch.device, dtype: torch.dtype, cfg: tilemoe.MoEConfig) -> str | None:
+    backend = {"triton experts": "triton", "triton+rounding": "triton"}.get(name, name)
+    if backend == "dense floor":
+        return None
+    return backends.unavailable_reason(backend, device, dtype, cfg.hidden, cfg.ffn)
+
+
+def measure(case: Case, name: str, device: torch.device, tolerance: float, quick: bool) -> dict:
+    """Check one variant against the reference, then time it. Returns its row."""
+    row = {"preset": case.cfg.name, "tokens": case.tokens, "variant": name}
+    if name == "dense floor":
+        fn, err = dense_floor(case), None
+    elif name in LAYER_VARIANTS:
+        fn = lambda: case.forward(name)  # noqa: E731
+        err = tilemoe.rel_error(fn(), case.reference(case.routing)) if not quick else None
+    else:
+        routing = rounded_routing(case) if name == "triton+rounding" else case.routing
+        fn = lambda: case.experts("triton", routing)  # noqa: E731
+        err = tilemoe.rel_error(fn(), case.reference(routing)) if not quick else None
+        if name == "triton+rounding":
+            counts = routing.counts.tolist()
+            row["rows computed"] = tilemoe.routing.tile_rows(counts, ROUNDING_TILE)
+    with torch.no_grad():
+        ms = bench.time_ms(fn, device=device)
+        peak = peak_bytes(fn, device)
+    row.update(ms=ms, tflops=bench.tflops(case.cfg.flops(case.tokens), ms), rel_error=err,
+               check=None if err is None else ("PASS" if err <= tolerance else "FAIL"),
+               peak_gb=None if peak is None else peak / 1e9)
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speedup over the grouped_mm baseline and % of the dense floor, within each (preset, tokens)."""
+    for row in rows:
+        same = {r["variant"]: r for r in rows if r["preset"] == row["preset"] and r["tokens"] == row["tokens"]}
+        base, floor, sonic = same.get(BASELINE), same.get("dense floor"), same.get("sonicmoe")
+        row["vs grouped_mm"] = base["ms"] / row["ms"] if base else None
+        row["% of floor"] = 100 * floor["ms"] / row["ms"] if floor else None
+        row["vs sonicmoe"] = sonic["ms"] / row["ms"] if sonic else None
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["tokens", "variant", "ms", "tflops", "vs grouped_mm", "vs sonicmoe", "% of floor", "peak_gb", "rel_error", "check"]
+    heads = ["tokens", "variant", "ms", "TFLOP/s", f"vs {BASELINE}", "vs sonicmoe", "% of floor", "peak GB", "rel. error", "check"]
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        cfg = tilemoe.get_preset(preset)
+        print(f"\n{preset}: H={cfg.hidden}, I={cfg.ffn}, E={cfg.experts}, K={cfg.top_k}")
+        table = [[r.get(c) for c in cols] for r in rows if r["preset"] == preset]
+        print(tabulate(table, heads, floatfmt=".3g", missingval="-"))
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    fig, axes = plt.subplots(1, len(presets), figsize=(4.5 * len(presets), 3.8), squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            pts = sorted((r["tokens"], r["tflops"]) for r in rows if r["preset"] == preset and r["variant"] == variant)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=variant)
+        ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="TFLOP/s", title=preset)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", nargs="+", default=None,
+                        help=f"presets, or 'all' = {' '.join(GPU_PRESETS)} (default: small on a CPU, all on a GPU)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None,
+                        help=f"token counts (default: 64 on a CPU, {' '.join(map(str, GPU_TOKENS))} on a GPU)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to run (default: all)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="default: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-check", action="store_true", help="skip the reference checks (timing only)")
+    parser.add_argument("--record", action="store_true", help="write the rows to benchmarks/results/<device>/")
+    parser.add_argument("--plot", metavar="PNG", help="write TFLOP/s against tokens to this PNG")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    presets = args.preset or (list(GPU_PRESETS) if on_gpu else ["small"])
+    if presets == ["all"]:
+        presets = list(GPU_PRESETS)
+    for p in presets:
+        tilemoe.get_preset(p)  # a clear error for a wrong name
+    tokens = args.tokens or (list(GPU_TOKENS) if on_gpu else [64])
+    if any(t < 1 for t in tokens):
+        parser.error(f"--tokens: expected ints >= 1, got {tokens}")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    tolerance = tilemoe.TOLERANCE[dtype]
+    print(f"{bench.device_name(device)}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}")
+
+    rows, skipped, failed = [], {}, False
+    for preset in presets:
+        cfg = tilemoe.get_preset(preset)
+        for t in tokens:
+            case = make_case(cfg, t, device, dtype, args.seed)
+            for name in args.variants:
+                if (reason := why_not(name, device, dtype, cfg)) is not None:
+                    skipped[name] = reason
+                    continue
+                row = measure(case, name, device, tolerance, args.no_check)
+                failed |= row["check"] == "FAIL"
+                rows.append(row)
+                print(f"  {preset} T={t} {name}: {row['ms']:.3f} ms {row['check'] or ''}", flush=True)
+            del case
+            if on_gpu:
+                torch.cuda.empty_cache()
+    add_ratios(rows)
+    print_table(rows)
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}")
+    if args.record:
+        path = bench.record("moe_variants", rows, device, extra={
+            "dtype": str(dtype), "presets": presets, "tokens": tokens, "baseline": BASELINE,
+            "rounding": {"tile": ROUNDING_TILE, "mode": "nearest"}, "skipped": skipped,
+            "sonicmoe": backends.sonic.versions(),
+        })
+        print(f"recorded: {path}")
+    if args.plot:
+        plot(rows, args.plot)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""
+Tune the Triton grouped GEMM's tile configurations on this GPU
+==============================================================
+
+What you will learn: which tile shape, pipeline depth and launch style win for each projection
+of each model shape, and by how much over the default rule (tilemoe/triton/configs.py).
+
+For every preset and token count it times the up-projection (gather + SwiGLU epilogue) and then
+the down-projection (weighted scatter epilogue) alone, over a small candidate list per size bucket
+(decode: <= 16 rows per expert; small: <= 64; prefill), each output checked against torch first.
+The two GEMMs share one tile schedule, so the down-projection is tuned at the up-projection's
+winning BLOCK_M. The winners go to ``--out`` (default tilemoe/triton/tuned/<gpu>.json), which
+``configs.pick`` reads: the nearest measured rows-per-expert of the same GEMM shape and bucket.
+
+Run it (GPU only; a few minutes)::
+
+    python benchmarks/tune_triton.py                        # the four model presets at 1, 64, 4096, 16384 tokens
+    python benchmarks/tune_triton.py --preset olmoe-1b-7b --tokens 16384 --out /tmp/t.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import tilemoe
+from tilemoe import bench
+
+PRESETS = ("olmoe-1b-7b", "qwen3-30b-a3b", "deepseek-v3", "mixtral-8x7b")
+TOKENS = (1, 64, 4096, 16384)
+
+
+def candidates(bucket_m: int, configs) -> list:
+    """The configurations tried for one size bucket (its rule's BLOCK_M)."""
+    C = configs.TileConfig
+    if bucket_m == 16:
+        base = [C(16, 64, 128, 1, 4, 4), C(16, 128, 128, 1, 4, 4), C(16, 32, 256, 1, 4, 3), C(16, 64, 64, 1, 4, 5),
+                C(16, 128, 64, 1, 4, 4), C(16, 64, 256, 1, 4, 3)]
+    elif bucket_m == 64:
+        base = [C(64, 64, 64, 4, 4, 4), C(64, 128, 64, 4, 4, 3), C(32, 64, 128, 4, 4, 4), C(64, 128, 64, 4, 8, 4)]
+    else:
+        base = [C(128, 128, 64, 8, 8, 3), C(128, 128, 64, 8, 8, 4), C(128, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 4, 4),
+                C(128, 128, 64, 16, 8, 3), C(128, 256, 64, 8, 8, 3), C(128, 128, 32, 8, 8, 5)]
+    return base + [C(**{**c.as_dict(), "persistent": True}) for c in base[:2]]
+
+
+def time_gemm(ops, case_x, routing, w, cfg, projection, ffn, hidden):
+    """Median ms of one projection at cfg, after checking its output against torch."""
+    sched = ops.Schedule(routing, cfg.block_m)
+    slots = routing.sorted_slots.numel()
+    if projection == "up":
+        out = case_x.new_empty(slots, ffn)
+        run = lambda: ops.grouped_gemm(case_x, w, routing, sched, cfg, n=ffn, gather=routing.sorted_tokens,  # noqa: E731
+                                       swiglu=True, out=out)
+    else:
+        a = torch.randn(slots, ffn, device=case_x.device).to(case_x.dtype)
+        out = case_x.new_zeros(slots, hidden)
+        scale = routing.topk_weights.reshape(-1).float()
+        run = lambda: ops.grouped_gemm(a, w, routing, sched, cfg, n=hidden, scatter=routing.sorted_slots,  # noqa: E731
+                                       scale=scale, out=out)
+    run()
+    # Check a few experts' rows against torch (the full check lives in tests/test_triton.py).
+    offsets = routing.offsets.tolist()
+    for e in sorted(range(routing.num_experts), key=lambda e: offsets[e] - offsets[e + 1])[:2]:
+        rows = slice(offsets[e], offsets[e + 1])
+        if projection == "up":
+            h = case_x[routing.sorted_tokens[rows]].float() @ w[e].float().t()
+            want, got = torch.nn.functional.silu(h[:, :ffn]) * h[:, ffn:], out[rows]
+        else:
+            slots_e = routing.sorted_slots[rows]
+            want = (a[rows].float() @ w[e].float().t()) * scale[slots_e, None]
+            got = out[slots_e]
+        err = tilemoe.rel_error(got, want)
+        if err > 1e-2:
+            raise AssertionError(f"{projection} {cfg}: rel. error {err:.2e} on expert {e}")
+    return bench.time_ms(run)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", nargs="+", default=list(PRESETS), help="presets (default: the four models)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS), help="token counts (default: 1 64 4096 16384)")
+    parser.add_argument("--out", help="tuned table to write (default: tilemoe/triton/tuned/<gpu>.json)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_triton.py tunes for a GPU: no CUDA GPU here (torch.cuda.is_available() is False).")
+        return 0
+    from tilemoe.triton import configs, ops
+
+    device = torch.device("cuda")
+    slug = bench.slug(torch.cuda.get_device_name(device))
+    out_path = Path(args.out) if args.out else configs.TUNED_DIR / f"{slug}.json"
+    winners, table = [], []
+    for preset in args.preset:
+        cfg = tilemoe.get_preset(preset)
+        weights = cfg.init_weights(device=device, dtype=torch.bfloat16, shared=False)
+        for tokens in args.tokens:
+            x = torch.randn(tokens, cfg.hidden, device=device).bfloat16()
+            routing = tilemoe.route(tilemoe.router_logits(x, weights["router_weight"]), cfg.top_k, **cfg.router_options())
+            m = tokens * cfg.top_k / cfg.experts
+            bucket = configs.rule("up", m).block_m
+            best_m = None
+            for projection, w, n, k in (("up", weights["w_gate_up"], cfg.ffn, cfg.hidden),
+                                        ("down", weights["w_down"], cfg.hidden, cfg.ffn)):
+                tried = [c for c in candidates(bucket, configs) if best_m is None or c.block_m == best_m]
+                times = {c: time_gemm(ops, x, routing, w, c, projection, cfg.ffn, cfg.hidden) for c in tried}
+                best = min(times, key=times.get)
+                best_m = best.block_m
+                rule_ms = times.get(configs.rule(projection, m))
+                flops = 2 * tokens * cfg.top_k * n * k * (2 if projection == "up" else 1)
+                winners.append({"preset": preset, "tokens": tokens, "projection": projection, "n": n, "k": k,
+                                "rows_per_expert": m, "config": best.as_dict(), "ms": times[best],
+                                "rule_ms": rule_ms, "tflops": bench.tflops(flops, times[best])})
+                table.append([preset, tokens, projection, f"{best.block_m}x{best.block_n}x{best.block_k} g{best.group_m} "
+                              f"w{best.num_warps} s{best.num_stages}{' P' if best.persistent else ''}",
+                              times[best], rule_ms, bench.tflops(flops, times[best])])
+                print(f"  {preset} T={tokens} {projection}: " + ", ".join(
+                    f"{c.block_m}x{c.block_n}x{c.block_k}/g{c.group_m}/w{c.num_warps}/s{c.num_stages}"
+                    f"{'/P' if c.persistent else ''} {t:.3f}" for c, t in times.items()), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    print(tabulate(table, ["preset", "tokens", "GEMM", "best config", "ms", "rule ms", "TFLOP/s"], floatfmt=".3f"))
+    payload = {**bench.environment(device), "configs": winners}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
