@@ -389,8 +389,8 @@ def run_with_sonic(cfg: tilemoe.MoEConfig, tokens: int, seed: int, device: torch
     references, paths, rows, results, ok = {}, [], [], {}, True
 
     if module is not None:
-        say("SonicMoE: the first calls JIT-compile and autotune its kernels (up to ~90 s for the forward, "
-            "then the training step's) ...")
+        say("SonicMoE: the first calls JIT-compile and autotune its kernels (the forward's, then the training "
+            "step's: minutes at a real model's shapes) ...")
         ids, how, ties = sonic_module_choice(module, x)
         say(f"SonicMoE's routing decision, replayed by its reference: {how}; {ties} of {tokens} tokens have an "
             f"exact bf16 tie at the top-{cfg.top_k} boundary (tilemoe's fp32 router logits avoid that).")
@@ -520,7 +520,7 @@ def run_markdown(path: pathlib.Path) -> str:
     """One recorded run as markdown: its provenance, the correctness table, the timing table."""
     run = json.loads(path.read_text())
     cfg, rows = run["preset"], run["rows"]
-    router = cfg["scoring"] + ("" if cfg.get("renormalize", True) else ", not renormalized")
+    router = cfg["scoring"] + (", renormalized" if cfg.get("renormalize", True) else ", not renormalized")
     if cfg.get("num_groups"):
         router += f", {cfg.get('topk_groups')} of {cfg['num_groups']} groups"
     if cfg.get("routed_scaling", 1.0) != 1.0:
@@ -566,6 +566,16 @@ def run_markdown(path: pathlib.Path) -> str:
                      f"{_fmt(r.get('fwdbwd_ms'), '.3f')} | {_tflops(r.get('fwdbwd_tflops'))} | "
                      f"{_fmt(r.get('fwd_speedup'), '.2f', 'x')} | {_fmt(r.get('fwdbwd_speedup'), '.2f', 'x')} | "
                      f"{_fmt(r.get('fwdbwd_peak_gb'), '.2f')} |")
+    notes = []
+    if run.get("tilemoe_route_ms") is not None:
+        notes.append(f"tilemoe's routing alone (fp32 logits, top-k, metadata) takes {run['tilemoe_route_ms']:.3f} ms "
+                     f"of every tilemoe row's forward")
+    cache = run.get("sonic_cache") or {}
+    if "conversions" in cache:
+        notes.append(f"{'the' if notes else 'The'} interleaved layout converted w_gate_up {cache['conversions']} "
+                     f"time(s) and reused the copy {cache.get('hits', 0)} times")
+    if notes:
+        lines += ["", "; ".join(notes) + "."]
     return "\n".join(lines)
 
 

@@ -49,11 +49,20 @@ switches it for a block, ``experts(..., layout=...)`` for one call.
 Limits
 ------
 bfloat16 only; H and I multiples of 8 (16-byte rows for TMA); E <= 32768. SonicMoE JIT-compiles its
-kernels on first use (the CuTe DSL, up to ~90 s) and its GEMMs autotune once per new combination of
-tensor shapes: every new T (and, with dropped slots, every new number of kept pairs) pays an
-autotuning pass of a few seconds. Routings with dropped slots (capacity, token rounding) cost one
-host synchronization to compact the kept pairs. sonic-moe 0.1.2.post1 declares torch<=2.9.1; it was
-seen working with torch 2.11 (install it with --no-deps to keep your torch).
+kernels on first use (the CuTe DSL) and its GEMMs autotune once per new combination of tensor
+shapes: every new T (and, with dropped slots, every new number of kept pairs) pays a compile and
+autotuning pass, minutes at a real model's shapes for the first forward and training step. Routings
+with dropped slots (capacity, token rounding) cost one host synchronization to compact the kept
+pairs. sonic-moe 0.1.2.post1 declares torch<=2.9.1; it runs with torch 2.11 (install it with
+--no-deps to keep your torch).
+
+Run on a GPU
+------------
+On an NVIDIA H200 (torch 2.11.0+cu130, sonic-moe 0.1.2.post1), output and every gradient matched
+reference_moe within the bf16 tolerance in both layouts, at qwen3-30b-a3b's and olmoe-1b-7b's shapes
+(examples/05_sonicmoe/README.md, generated from benchmarks/results/nvidia-h200/sonicmoe-*.json), and
+on 15 of the 16 ragged-routing cases of tests/test_sonic.py's GPU test (the 16th, capacity drops
+with the concat layout, was cut off by the run's time limit before it finished).
 """
 
 from __future__ import annotations
