@@ -25,7 +25,11 @@ Variants (those this machine cannot run are listed with the reason and skipped):
   only, on the top-k routing);
 - ``sonicmoe``: SonicMoE's kernels (arXiv 2512.14080) on tilemoe's routing, when installed;
 - ``dense floor``: two cuBLAS GEMMs with the layer's FLOPs and no routing ([T*K, H] x [H, 2I]
-  and [T*K, I] x [I, H]): what perfect grouped kernels approach.
+  and [T*K, I] x [I, H]): what perfect grouped kernels approach when arithmetic bounds them;
+- ``weights read``: the bytes of every expert the batch touches, read once at the copy bandwidth
+  measured in the same run (a model, not a kernel): what bounds a decode batch.
+
+"% of floor" compares with the larger of the two floors.
 
 Every layer variant's time is the whole forward through ``tilemoe.moe_forward``: router logits,
 top-k, routing metadata, experts, combine. FLOPs: 6*T*K*H*I. Peak memory: what one forward
@@ -54,7 +58,8 @@ from tilemoe import backends, bench  # noqa: E402
 
 LAYER_VARIANTS = ("torch", "grouped_mm", "triton", "sonicmoe")
 EXPERT_VARIANTS = ("triton experts", "triton+rounding")
-VARIANTS = (*LAYER_VARIANTS, *EXPERT_VARIANTS, "dense floor")
+FLOORS = ("dense floor", "weights read")
+VARIANTS = (*LAYER_VARIANTS, *EXPERT_VARIANTS, *FLOORS)
 BASELINE = "grouped_mm"
 GPU_PRESETS = ("olmoe-1b-7b", "qwen3-30b-a3b", "deepseek-v3", "mixtral-8x7b")
 GPU_TOKENS = (1, 64, 4096, 16384)
@@ -122,16 +127,35 @@ def dense_floor(case: Case) -> Callable[[], object]:
     return lambda: (torch.mm(a, w1.t()), torch.mm(act, w2.t()))
 
 
+def copy_gbps(device: torch.device) -> float:
+    """Device memory bandwidth in GB/s, bytes read plus bytes written by a 1 GB copy."""
+    src = torch.empty(2**29, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = bench.time_ms(lambda: dst.copy_(src), device=device)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def weights_read_ms(case: Case, gbps: float) -> float:
+    """Reading every touched expert's weights once (3*H*I each) at gbps."""
+    touched = int((case.routing.counts > 0).sum())
+    return touched * 3 * case.cfg.hidden * case.cfg.ffn * case.x.element_size() / (gbps * 1e9) * 1e3
+
+
 def why_not(name: str, device: torch.device, dtype: torch.dtype, cfg: tilemoe.MoEConfig) -> str | None:
     backend = {"triton experts": "triton", "triton+rounding": "triton"}.get(name, name)
-    if backend == "dense floor":
+    if backend in FLOORS:
         return None
     return backends.unavailable_reason(backend, device, dtype, cfg.hidden, cfg.ffn)
 
 
-def measure(case: Case, name: str, device: torch.device, tolerance: float, quick: bool) -> dict:
+def measure(case: Case, name: str, device: torch.device, tolerance: float, quick: bool, gbps: float) -> dict:
     """Check one variant against the reference, then time it. Returns its row."""
     row = {"preset": case.cfg.name, "tokens": case.tokens, "variant": name}
+    if name == "weights read":
+        ms = weights_read_ms(case, gbps)
+        row.update(ms=ms, tflops=bench.tflops(case.cfg.flops(case.tokens), ms), rel_error=None, check=None,
+                   peak_gb=None, modelled=True)
+        return row
     if name == "dense floor":
         fn, err = dense_floor(case), None
     elif name in LAYER_VARIANTS:
@@ -157,9 +181,10 @@ def add_ratios(rows: list[dict]) -> None:
     """Speedup over the grouped_mm baseline and % of the dense floor, within each (preset, tokens)."""
     for row in rows:
         same = {r["variant"]: r for r in rows if r["preset"] == row["preset"] and r["tokens"] == row["tokens"]}
-        base, floor, sonic = same.get(BASELINE), same.get("dense floor"), same.get("sonicmoe")
+        base, sonic = same.get(BASELINE), same.get("sonicmoe")
+        floor = max((same[f]["ms"] for f in FLOORS if f in same), default=None)
         row["vs grouped_mm"] = base["ms"] / row["ms"] if base else None
-        row["% of floor"] = 100 * floor["ms"] / row["ms"] if floor else None
+        row["% of floor"] = 100 * floor / row["ms"] if floor else None
         row["vs sonicmoe"] = sonic["ms"] / row["ms"] if sonic else None
 
 
@@ -222,6 +247,8 @@ def main(argv=None) -> int:
     tolerance = tilemoe.TOLERANCE[dtype]
     print(f"{bench.device_name(device)}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}")
 
+    gbps = copy_gbps(device)
+    print(f"copy bandwidth {gbps:.0f} GB/s (read + write)")
     rows, skipped, failed = [], {}, False
     for preset in presets:
         cfg = tilemoe.get_preset(preset)
@@ -231,7 +258,7 @@ def main(argv=None) -> int:
                 if (reason := why_not(name, device, dtype, cfg)) is not None:
                     skipped[name] = reason
                     continue
-                row = measure(case, name, device, tolerance, args.no_check)
+                row = measure(case, name, device, tolerance, args.no_check, gbps)
                 failed |= row["check"] == "FAIL"
                 rows.append(row)
                 print(f"  {preset} T={t} {name}: {row['ms']:.3f} ms {row['check'] or ''}", flush=True)
@@ -245,7 +272,7 @@ def main(argv=None) -> int:
     if args.record:
         path = bench.record("moe_variants", rows, device, extra={
             "dtype": str(dtype), "presets": presets, "tokens": tokens, "baseline": BASELINE,
-            "rounding": {"tile": ROUNDING_TILE, "mode": "nearest"}, "skipped": skipped,
+            "rounding": {"tile": ROUNDING_TILE, "mode": "nearest"}, "skipped": skipped, "copy_gbps": gbps,
             "sonicmoe": backends.sonic.versions(),
         })
         print(f"recorded: {path}")

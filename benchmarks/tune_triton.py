@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from tabulate import tabulate
+from triton.runtime.errors import OutOfResources
 
 import tilemoe
 from tilemoe import bench
@@ -108,7 +109,12 @@ def main(argv=None) -> int:
             for projection, w, n, k in (("up", weights["w_gate_up"], cfg.ffn, cfg.hidden),
                                         ("down", weights["w_down"], cfg.hidden, cfg.ffn)):
                 tried = [c for c in candidates(bucket, configs) if best_m is None or c.block_m == best_m]
-                times = {c: time_gemm(ops, x, routing, w, c, projection, cfg.ffn, cfg.hidden) for c in tried}
+                times = {}
+                for c in tried:
+                    try:
+                        times[c] = time_gemm(ops, x, routing, w, c, projection, cfg.ffn, cfg.hidden)
+                    except OutOfResources as exc:  # e.g. too much shared memory for this GPU: not a candidate here
+                        print(f"  skipped {c}: {str(exc).splitlines()[0]}")
                 best = min(times, key=times.get)
                 best_m = best.block_m
                 rule_ms = times.get(configs.rule(projection, m))

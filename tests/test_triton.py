@@ -7,6 +7,8 @@ checks run compiled, in bfloat16 too (pytest -m gpu).
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -186,3 +188,45 @@ def test_gradients_flow_to_x_the_router_and_both_weights():
     assert tilemoe.rel_error(xs.grad, x64.grad) <= 1e-4
     for name in ours:
         assert tilemoe.rel_error(ours[name].grad, ref_w[name].grad) <= 1e-4, name
+
+
+ROUTERS = {
+    "softmax": dict(),
+    "softmax, not renormalized": dict(renormalize=False),
+    "sigmoid, bias, groups, scaling": dict(scoring="sigmoid", num_groups=8, topk_groups=4, routed_scaling=2.5, bias=True),
+    "sigmoid, groups of one": dict(scoring="sigmoid", num_groups=64, topk_groups=16),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("num_tokens, num_experts, top_k", [(1, 64, 8), (37, 64, 6), (130, 64, 1)])
+def test_fused_router_selects_what_the_pytorch_router_selects(router, num_tokens, num_experts, top_k):
+    opts = dict(ROUTERS[router])
+    g = torch.Generator().manual_seed(num_tokens)
+    if opts.pop("bias", False):
+        opts["score_bias"] = (torch.randn(num_experts, generator=g) * 0.1).to(DEVICE)
+    logits = torch.randn(num_tokens, num_experts, generator=g).to(DEVICE)
+    logits[0, 5] = logits[0, 9] = logits[0].max() + 1  # an exact tie: the lower expert goes first
+    want = tilemoe.route(logits, top_k, **opts)
+    from tilemoe.triton import router as triton_router
+
+    with mock.patch.object(triton_router, "select_experts", wraps=triton_router.select_experts) as kernel:
+        got = tilemoe.route(logits, top_k, fused=True, **opts)
+    assert kernel.call_count == 1, "the Triton router did not run"
+    assert torch.equal(got.topk_ids, want.topk_ids)
+    torch.testing.assert_close(got.topk_weights, want.topk_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.topk_scores, want.topk_scores, rtol=1e-5, atol=1e-6)
+    for field in ("counts", "offsets", "sorted_slots", "slot_position", "sorted_tokens"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+@needs_triton
+def test_fused_router_is_skipped_where_it_cannot_run():
+    logits = torch.randn(5, 48, device=DEVICE)  # 48 experts in 3 groups: not a power of two
+    grouped = tilemoe.route(logits, 2, scoring="sigmoid", num_groups=3, topk_groups=2, fused=True)
+    assert grouped.topk_ids.dtype == torch.int32 and torch.equal(
+        grouped.topk_ids, tilemoe.route(logits, 2, scoring="sigmoid", num_groups=3, topk_groups=2).topk_ids)
+    leaf = logits.clone().requires_grad_()
+    routed = tilemoe.route(leaf, 2, fused=True)  # a gradient wanted: the PyTorch ops, differentiable
+    assert routed.topk_weights.requires_grad

@@ -59,6 +59,7 @@ def moe_forward(
             router_logits(tokens, router_weight), top_k, scoring=scoring, renormalize=renormalize,
             score_bias=score_bias, num_groups=num_groups, topk_groups=topk_groups,
             routed_scaling=routed_scaling, capacity_factor=capacity_factor,
+            fused=getattr(impl, "FUSED_ROUTING", False),
         )
     else:
         check_routing(routing, tokens.shape[0], num_experts, top_k, x.device)

@@ -189,9 +189,12 @@ def build_routing(
     (default: when a capacity was applied), so that no one has to look (a host sync).
     """
     num_tokens, top_k = topk_ids.shape
-    flat = topk_ids.reshape(-1).long()
+    if has_empty_slots is None:
+        has_empty_slots = capacity is not None
+    flat = topk_ids.reshape(-1)
     # Dropped slots (-1) sort after every expert, so the kept ones form the prefix [0, offsets[E]).
-    sorted_slots = torch.argsort(torch.where(flat < 0, num_experts, flat), stable=True)
+    keys = torch.where(flat < 0, num_experts, flat) if has_empty_slots else flat
+    sorted_slots = torch.argsort(keys, stable=True)
     slot_position = torch.empty_like(sorted_slots)
     slot_position[sorted_slots] = torch.arange(flat.numel(), device=flat.device)
     counts, offsets = expert_counts_and_offsets(topk_ids, num_experts)
@@ -205,7 +208,7 @@ def build_routing(
         sorted_tokens=torch.div(sorted_slots, top_k, rounding_mode="floor"),
         slot_position=slot_position,
         capacity=capacity,
-        has_empty_slots=capacity is not None if has_empty_slots is None else has_empty_slots,
+        has_empty_slots=has_empty_slots,
     )
 
 
@@ -244,6 +247,19 @@ def check_router_options(
         checks.check_positive_float("capacity_factor", capacity_factor)
 
 
+def _fused_router_runs(logits: torch.Tensor, num_groups: int | None) -> bool:
+    """The Triton router runs these logits: no gradient wanted, and Triton compiled for their device."""
+    if logits.requires_grad and torch.is_grad_enabled():
+        return False
+    from .backends import triton_fused
+
+    if triton_fused.unavailable_reason(logits.device, torch.float32, 1, 1) is not None:
+        return False
+    from .triton import router
+
+    return router.supports(logits, num_groups)
+
+
 def route(
     logits: torch.Tensor,
     top_k: int,
@@ -255,12 +271,16 @@ def route(
     topk_groups: int | None = None,
     routed_scaling: float = 1.0,
     capacity_factor: float | None = None,
+    fused: bool = False,
 ) -> Routing:
     """Route T tokens given their router logits [T, E]: select_experts, optional capacity, metadata.
 
     capacity_factor: each expert keeps at most ceil(cf * T * K / E) slots; the lowest-scored
     overflow is dropped (topk_ids = -1, weight 0; kept weights are not renormalized, as in
     Switch/GShard). ``Routing.dropped`` reports which.
+    fused: select the experts with one Triton kernel (tilemoe/triton/router.py: the same experts
+    in the same order, weights equal to rounding) where it runs these logits (fp32 on a GPU, or
+    under TRITON_INTERPRET=1; no gradient to the logits); elsewhere the PyTorch ops.
     """
     checks.check_float_tensor("logits", logits)
     if logits.dim() != 2 or logits.shape[1] == 0:
@@ -271,10 +291,14 @@ def route(
         topk_groups=topk_groups, routed_scaling=routed_scaling, capacity_factor=capacity_factor,
         device=logits.device,
     )
-    ids, weights, scores = select_experts(
-        logits, top_k, scoring=scoring, renormalize=renormalize, score_bias=score_bias,
-        num_groups=num_groups, topk_groups=topk_groups, routed_scaling=routed_scaling,
-    )
+    options = dict(scoring=scoring, renormalize=renormalize, score_bias=score_bias, num_groups=num_groups,
+                   topk_groups=topk_groups, routed_scaling=routed_scaling)
+    if fused and _fused_router_runs(logits, num_groups):
+        from .triton import router
+
+        ids, weights, scores = router.select_experts(logits, top_k, **options)
+    else:
+        ids, weights, scores = select_experts(logits, top_k, **options)
     capacity = None
     if capacity_factor is not None:
         capacity = capacity_for(num_tokens, top_k, num_experts, capacity_factor)

@@ -3,6 +3,7 @@
     NAME: str
     unavailable_reason(device, dtype, hidden, ffn) -> str | None   (None: it can run these inputs)
     experts(x [T, H], routing, w_gate_up, w_down) -> y [T, H]       (the routed experts, combined)
+    FUSED_ROUTING: bool (optional)  moe_forward routes with route(..., fused=True) for it
 
 All consume the same ``tilemoe.routing.Routing``; none recomputes it.
 """

@@ -25,6 +25,8 @@ from ..routing import Routing
 from . import grouped_mm, torch_loop
 
 NAME = "triton"
+# moe_forward routes for this backend with the one-launch Triton router (tilemoe/triton/router.py).
+FUSED_ROUTING = True
 
 
 def _ops():
