@@ -23,6 +23,9 @@ Variants (those this machine cannot run are listed with the reason and skipped):
   the reference run on that same rounded routing, and its routing is made before timing (it reads
   statistics on the host): its time is the experts only, next to ``triton experts`` (the experts
   only, on the top-k routing);
+- ``grouped_mm graphed`` / ``triton graphed``: the same layer captured in a CUDA graph and replayed
+  (tilemoe.graphs.GraphedMoE): the decode path, without launch and Python overhead. Both
+  backends are graphed, so the graph's gain is not credited to the kernels;
 - ``sonicmoe``: SonicMoE's kernels (arXiv 2512.14080) on tilemoe's routing, when installed;
 - ``dense floor``: two cuBLAS GEMMs with the layer's FLOPs and no routing ([T*K, H] x [H, 2I]
   and [T*K, I] x [I, H]): what perfect grouped kernels approach when arithmetic bounds them;
@@ -55,11 +58,13 @@ if os.environ.get("TILEMOE_EXTRA_SITE"):
 
 import tilemoe  # noqa: E402
 from tilemoe import backends, bench  # noqa: E402
+from tilemoe.graphs import GraphedMoE  # noqa: E402
 
 LAYER_VARIANTS = ("torch", "grouped_mm", "triton", "sonicmoe")
+GRAPHED_VARIANTS = ("grouped_mm graphed", "triton graphed")
 EXPERT_VARIANTS = ("triton experts", "triton+rounding")
 FLOORS = ("dense floor", "weights read")
-VARIANTS = (*LAYER_VARIANTS, *EXPERT_VARIANTS, *FLOORS)
+VARIANTS = (*LAYER_VARIANTS, *GRAPHED_VARIANTS, *EXPERT_VARIANTS, *FLOORS)
 BASELINE = "grouped_mm"
 GPU_PRESETS = ("olmoe-1b-7b", "qwen3-30b-a3b", "deepseek-v3", "mixtral-8x7b")
 GPU_TOKENS = (1, 64, 4096, 16384)
@@ -142,9 +147,11 @@ def weights_read_ms(case: Case, gbps: float) -> float:
 
 
 def why_not(name: str, device: torch.device, dtype: torch.dtype, cfg: tilemoe.MoEConfig) -> str | None:
-    backend = {"triton experts": "triton", "triton+rounding": "triton"}.get(name, name)
+    backend = {"triton experts": "triton", "triton+rounding": "triton"}.get(name, name.removesuffix(" graphed"))
     if backend in FLOORS:
         return None
+    if name in GRAPHED_VARIANTS and device.type != "cuda":
+        return "CUDA graphs need a CUDA GPU"
     return backends.unavailable_reason(backend, device, dtype, cfg.hidden, cfg.ffn)
 
 
@@ -160,6 +167,10 @@ def measure(case: Case, name: str, device: torch.device, tolerance: float, quick
         fn, err = dense_floor(case), None
     elif name in LAYER_VARIANTS:
         fn = lambda: case.forward(name)  # noqa: E731
+        err = tilemoe.rel_error(fn(), case.reference(case.routing)) if not quick else None
+    elif name in GRAPHED_VARIANTS:
+        graphed = GraphedMoE(case.weights, case.cfg.top_k, backend=name.removesuffix(" graphed"), **case.cfg.router_options())
+        fn = lambda: graphed(case.x)  # noqa: E731
         err = tilemoe.rel_error(fn(), case.reference(case.routing)) if not quick else None
     else:
         routing = rounded_routing(case) if name == "triton+rounding" else case.routing

@@ -86,3 +86,10 @@ def test_small_preset_runs_through_moe_forward():
     x = torch.randn(9, c.hidden)
     y = tilemoe.moe_forward(x, **w, top_k=c.top_k, **c.router_options())
     assert tilemoe.rel_error(y, tilemoe.reference_moe(x, **w, top_k=c.top_k, **c.router_options())) < 1e-5
+
+
+def test_commit_from_the_environment_wins_over_a_stale_checkout(monkeypatch):
+    monkeypatch.setenv("TILEMOE_COMMIT", "abc1234")
+    assert bench.git_commit() == "abc1234"
+    monkeypatch.delenv("TILEMOE_COMMIT")
+    assert bench.git_commit() != "abc1234"

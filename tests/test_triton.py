@@ -230,3 +230,30 @@ def test_fused_router_is_skipped_where_it_cannot_run():
     leaf = logits.clone().requires_grad_()
     routed = tilemoe.route(leaf, 2, fused=True)  # a gradient wanted: the PyTorch ops, differentiable
     assert routed.topk_weights.requires_grad
+
+
+def test_graphed_moe_refuses_cpu_weights_and_loops_that_sync():
+    from tilemoe.graphs import GraphedMoE
+
+    w = make_weights(16, 8, 4)
+    with pytest.raises(ValueError, match="router_weight: expected a CUDA tensor"):
+        GraphedMoE(w, 2)
+    with pytest.raises(ValueError, match="backend: expected one of 'triton', 'grouped_mm', got 'torch'"):
+        GraphedMoE(w, 2, backend="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_graphed_decode_replays_fresh_inputs_correctly(backend, tokens):
+    from tilemoe.graphs import GraphedMoE
+
+    cfg = tilemoe.get_preset("deepseek-v3" if tokens == 1 else "qwen3-30b-a3b")
+    w = cfg.init_weights(device="cuda", dtype=torch.bfloat16, shared=False)
+    moe = GraphedMoE(w, cfg.top_k, backend=backend, **cfg.router_options())
+    for seed in range(3):  # capture on the first, replay on the others: each output is the new input's
+        x = torch.randn(tokens, cfg.hidden, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).bfloat16()
+        y = moe(x).clone()
+        ref = tilemoe.reference_moe(x.float(), **{k: v.float() for k, v in w.items()}, top_k=cfg.top_k, **cfg.router_options())
+        assert tilemoe.rel_error(y, ref) <= tilemoe.TOLERANCE[torch.bfloat16], seed

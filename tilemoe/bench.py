@@ -81,19 +81,23 @@ def slug(name: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD's hash, with '+dirty' when tracked files differ from it. Outside a checkout (a tree
-    copied to a GPU machine), the TILEMOE_COMMIT environment variable, else 'unknown'."""
+    """The TILEMOE_COMMIT environment variable when set (a tree copied to a GPU machine: its .git,
+    if any, may not be the tree's), else HEAD's hash with '+dirty' when tracked files differ from
+    it, else 'unknown'."""
+    if os.environ.get("TILEMOE_COMMIT"):
+        return os.environ["TILEMOE_COMMIT"]
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
 
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
-            return os.environ.get("TILEMOE_COMMIT", "unknown")
+            return "unknown"
         dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("TILEMOE_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment(device: torch.device | str) -> dict:
