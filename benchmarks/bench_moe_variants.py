@@ -43,10 +43,12 @@ to benchmarks/results/<gpu>/moe_variants-<date>.json, ``--plot`` a PNG of TFLOP/
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import site
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -181,7 +183,8 @@ def measure(case: Case, name: str, device: torch.device, tolerance: float, quick
             row["rows computed"] = tilemoe.routing.tile_rows(counts, ROUNDING_TILE)
     with torch.no_grad():
         ms = bench.time_ms(fn, device=device)
-        peak = peak_bytes(fn, device)
+        # A graph allocated its memory once, at capture, in a pool of its own: a replay allocates nothing.
+        peak = peak_bytes(fn, device) if name not in GRAPHED_VARIANTS else None
     row.update(ms=ms, tflops=bench.tflops(case.cfg.flops(case.tokens), ms), rel_error=err,
                check=None if err is None else ("PASS" if err <= tolerance else "FAIL"),
                peak_gb=None if peak is None else peak / 1e9)
@@ -229,6 +232,36 @@ def plot(rows: list[dict], path: str) -> None:
     print(f"plot: {path}")
 
 
+def table_markdown(files: list) -> str:
+    """The README's tables for recorded runs: per preset, one row per token count, one column per
+    variant (ms and the speedup over grouped_mm in the same run)."""
+    parts = []
+    for path in map(Path, files):
+        run = json.loads(path.read_text())
+        rows = run["rows"]
+        link = Path(os.path.relpath(path.resolve(), Path(__file__).resolve().parent)).as_posix()
+        parts.append(f"{run['gpu'] or run['device']}, torch {run['torch']}, triton {run['triton']}, "
+                     f"{run['dtype'].removeprefix('torch.')}, commit {run['commit'][:7]}, `{run['command']}`, "
+                     f"{run['date'][:10]}; copy bandwidth {run['copy_gbps']:.0f} GB/s; [{path.name}]({link}). "
+                     f"Cells: ms, and in parentheses the speedup over `{run['baseline']}` in the same run; "
+                     "floor = the larger of the dense GEMM pair and the weights read.")
+        variants = [v for v in VARIANTS if v not in FLOORS and any(r["variant"] == v for r in rows)]
+        for preset in dict.fromkeys(r["preset"] for r in rows):
+            cfg = tilemoe.get_preset(preset)
+            lines = [f"**{preset}** (H={cfg.hidden}, I={cfg.ffn}, E={cfg.experts}, K={cfg.top_k})", "",
+                     "| tokens | " + " | ".join(variants) + " | floor ms | triton % of floor |",
+                     "|---" * (len(variants) + 3) + "|"]
+            for tokens in dict.fromkeys(r["tokens"] for r in rows if r["preset"] == preset):
+                same = {r["variant"]: r for r in rows if r["preset"] == preset and r["tokens"] == tokens}
+                cells = [f"{same[v]['ms']:.3f} ({same[v]['vs grouped_mm']:.2f}x)" if v in same else "-" for v in variants]
+                floor = max((same[f]["ms"] for f in FLOORS if f in same), default=None)
+                pct = f"{same['triton']['% of floor']:.0f}%" if "triton" in same and floor else "-"
+                lines.append(f"| {tokens} | " + " | ".join(cells) + f" | {floor:.3f} | {pct} |" if floor else
+                             f"| {tokens} | " + " | ".join(cells) + " | - | - |")
+            parts.append("\n".join(lines))
+    return bench.generated_block("benchmarks/bench_moe_variants.py", files, "\n\n".join(parts))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", nargs="+", default=None,
@@ -242,7 +275,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no-check", action="store_true", help="skip the reference checks (timing only)")
     parser.add_argument("--record", action="store_true", help="write the rows to benchmarks/results/<device>/")
     parser.add_argument("--plot", metavar="PNG", help="write TFLOP/s against tokens to this PNG")
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="print the README's markdown tables from files --record wrote, and exit (runs nothing)")
     args = parser.parse_args(argv)
+    if args.table:
+        try:
+            print(table_markdown(args.table))
+        except (OSError, ValueError, KeyError) as exc:
+            parser.error(f"--table: {type(exc).__name__}: {exc}")
+        return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -250,7 +291,10 @@ def main(argv=None) -> int:
     if presets == ["all"]:
         presets = list(GPU_PRESETS)
     for p in presets:
-        tilemoe.get_preset(p)  # a clear error for a wrong name
+        try:
+            tilemoe.get_preset(p)
+        except ValueError as exc:
+            parser.error(f"--{exc}")
     tokens = args.tokens or (list(GPU_TOKENS) if on_gpu else [64])
     if any(t < 1 for t in tokens):
         parser.error(f"--tokens: expected ints >= 1, got {tokens}")
@@ -268,6 +312,10 @@ def main(argv=None) -> int:
             for name in args.variants:
                 if (reason := why_not(name, device, dtype, cfg)) is not None:
                     skipped[name] = reason
+                    continue
+                if name == "triton+rounding" and t * cfg.top_k < ROUNDING_TILE * cfg.experts:
+                    skipped[f"{name} at {preset} T={t}"] = (f"{t * cfg.top_k / cfg.experts:.3g} rows per expert, fewer than "
+                                                            f"the {ROUNDING_TILE}-row tile: rounding would drop or pad most of them")
                     continue
                 row = measure(case, name, device, tolerance, args.no_check, gbps)
                 failed |= row["check"] == "FAIL"
