@@ -37,7 +37,8 @@ TOKENS = (1, 64, 4096, 16384)
 
 
 def candidates(bucket_m: int, configs) -> list:
-    """The configurations tried for one size bucket (its rule's BLOCK_M)."""
+    """The configurations tried for one size bucket (its rule's BLOCK_M): a few tile shapes, each
+    of the first ones also persistent, with TMA loads, and both."""
     C = configs.TileConfig
     if bucket_m == 16:
         base = [C(16, 64, 128, 1, 4, 4), C(16, 128, 128, 1, 4, 4), C(16, 32, 256, 1, 4, 3), C(16, 64, 64, 1, 4, 5),
@@ -45,9 +46,16 @@ def candidates(bucket_m: int, configs) -> list:
     elif bucket_m == 64:
         base = [C(64, 64, 64, 4, 4, 4), C(64, 128, 64, 4, 4, 3), C(32, 64, 128, 4, 4, 4), C(64, 128, 64, 4, 8, 4)]
     else:
-        base = [C(128, 128, 64, 8, 8, 3), C(128, 128, 64, 8, 8, 4), C(128, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 4, 4),
-                C(128, 128, 64, 16, 8, 3), C(128, 256, 64, 8, 8, 3), C(128, 128, 32, 8, 8, 5)]
-    return base + [C(**{**c.as_dict(), "persistent": True}) for c in base[:2]]
+        base = [C(128, 128, 64, 8, 8, 3), C(128, 256, 64, 8, 8, 3), C(128, 128, 64, 8, 8, 4), C(128, 64, 64, 8, 4, 4),
+                C(64, 128, 64, 8, 4, 4), C(128, 128, 64, 16, 8, 3), C(128, 128, 32, 8, 8, 5), C(128, 128, 128, 8, 8, 2)]
+    variants = [C(**{**c.as_dict(), **change}) for c in base[:3]
+                for change in ({"persistent": True}, {"tma": True}, {"persistent": True, "tma": True})]
+    return base + variants
+
+
+def describe(c) -> str:
+    return (f"{c.block_m}x{c.block_n}x{c.block_k} g{c.group_m} w{c.num_warps} s{c.num_stages}"
+            f"{' P' if c.persistent else ''}{' TMA' if c.tma else ''}")
 
 
 def time_gemm(ops, case_x, routing, w, cfg, projection, ffn, hidden):
@@ -122,12 +130,10 @@ def main(argv=None) -> int:
                 winners.append({"preset": preset, "tokens": tokens, "projection": projection, "n": n, "k": k,
                                 "rows_per_expert": m, "config": best.as_dict(), "ms": times[best],
                                 "rule_ms": rule_ms, "tflops": bench.tflops(flops, times[best])})
-                table.append([preset, tokens, projection, f"{best.block_m}x{best.block_n}x{best.block_k} g{best.group_m} "
-                              f"w{best.num_warps} s{best.num_stages}{' P' if best.persistent else ''}",
-                              times[best], rule_ms, bench.tflops(flops, times[best])])
+                table.append([preset, tokens, projection, describe(best), times[best], rule_ms,
+                              bench.tflops(flops, times[best])])
                 print(f"  {preset} T={tokens} {projection}: " + ", ".join(
-                    f"{c.block_m}x{c.block_n}x{c.block_k}/g{c.group_m}/w{c.num_warps}/s{c.num_stages}"
-                    f"{'/P' if c.persistent else ''} {t:.3f}" for c, t in times.items()), flush=True)
+                    f"{describe(c)}: {t:.3f}" for c, t in times.items()), flush=True)
         del weights
         torch.cuda.empty_cache()
     print(tabulate(table, ["preset", "tokens", "GEMM", "best config", "ms", "rule ms", "TFLOP/s"], floatfmt=".3f"))

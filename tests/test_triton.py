@@ -54,23 +54,33 @@ def test_triton_matches_reference_on_ragged_routing(case, dtype):
     assert tilemoe.rel_error(y, ref) <= tilemoe.TOLERANCE[dtype]
 
 
-def tile(block_m, block_n, block_k, persistent=False):
+def tile(block_m, block_n, block_k, persistent=False, tma=False):
     _, configs = ops()
-    return configs.TileConfig(block_m, block_n, block_k, group_m=2, num_warps=4, num_stages=2, persistent=persistent)
+    return configs.TileConfig(block_m, block_n, block_k, group_m=2, num_warps=4, num_stages=2, persistent=persistent,
+                              tma=tma)
 
 
 @needs_triton
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("block_m", [16, 32])
-def test_every_tile_shape_and_launch_on_ragged_shapes(block_m, persistent):
-    # H = 40 and I = 24 are not multiples of BLOCK_K / BLOCK_N: the masked K loop and clamped columns.
+def test_every_tile_shape_and_launch_on_ragged_shapes(block_m, persistent, tma):
+    # H = 40 and I = 24 are not multiples of BLOCK_K = 32 / BLOCK_N = 16: the masked (or, with TMA,
+    # zero-filled) K tail, and column tiles that reach into the next expert's rows.
     num_experts, top_k = 6, 2
     w = make_weights(40, 24, num_experts, device=DEVICE, seed=2)
     x = torch.randn(71, 40, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     ids = distinct_ids(71, top_k, [0, 2, 3, 5], seed=6, first=3)  # empty experts 1 and 4, expert 3 in every token
     routing = forced_routing(ids.to(DEVICE), num_experts, seed=1)
-    cfg = tile(block_m, 16, 16, persistent)
+    cfg = tile(block_m, 16, 32, persistent, tma)
+    ops_mod, _ = ops()
+    assert ops_mod.tma_allowed(w["w_down"]) == tma_possible(), "TMA must run where the test expects it"
     check(x, w, top_k, routing, tile_configs=(cfg, cfg))
+
+
+def tma_possible() -> bool:
+    ops_mod, _ = ops()
+    return ops_mod.interpreted() or torch.cuda.get_device_capability()[0] >= 9
 
 
 @needs_triton

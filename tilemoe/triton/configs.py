@@ -4,6 +4,9 @@ A configuration is the tile shape (BLOCK_M x BLOCK_N x BLOCK_K), GROUP_M (how ma
 sweep the N tiles together), the warps per program, the software-pipelining depth and whether the
 launch is persistent (a few programs per SM looping over tiles) or one program per tile.
 
+``tma`` loads the weight tiles (and the down-projection's A tiles, which are contiguous rows) with
+Hopper's Tensor Memory Accelerator; the gathered rows of x are always loaded by pointer.
+
 The rule follows the rows each expert gets, m = T*K/E on average:
 - decode (m <= 16): a 16-row tile, the smallest tl.dot takes; the GEMM reads each touched expert's
   weights once and is memory-bound, so many narrow N tiles keep every SM loading;
@@ -33,6 +36,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     persistent: bool = False
+    tma: bool = False  # weights (and the down-projection's rows) loaded by TMA descriptors, where allowed
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -71,19 +71,26 @@ def grouped_gemm_kernel(
     NUM_PROGRAMS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, SCATTER_C: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     """C[rows of expert e] = epilogue(A[rows] @ W[e]^T) over the row blocks of schedule_kernel.
 
     a: [R, K] (or x [T, K] read through gather_ptr when GATHER_A), w: [E, N or 2N, K] with K
     contiguous, c: [R, N] (or [T*K, N] written through scatter_ptr when SCATTER_C).
     Programs walk tiles pid, pid + NUM_PROGRAMS, ...: a launch of one program per tile visits
-    each once; a persistent launch of a few programs per SM loops.
+    each once; a persistent launch of a few programs per SM loops (FLATTEN lets the software
+    pipeline start the next tile's loads during this tile's epilogue).
+
+    W_TMA / A_TMA: w_ptr / a_ptr are TMA tensor descriptors (Hopper's Tensor Memory Accelerator
+    copies whole tiles, zero-filling past the tensor's end) over w viewed as [E*rows, K] / over a.
+    A tile may then read rows of the next expert, or columns past N: they only feed outputs that
+    are never stored, so no mask is needed.
     """
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_blocks = tl.load(num_blocks_ptr)
     num_tiles = num_blocks * num_pid_n
-    for tile in range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
         # L2-friendly order: GROUP_M consecutive row blocks (mostly one expert's) sweep the N
         # tiles together, so each weight tile is fetched from HBM once and reused from L2.
         tiles_per_group = GROUP_M * num_pid_n
@@ -108,30 +115,46 @@ def grouped_gemm_kernel(
         cols_in = tl.minimum(cols, N - 1).to(tl.int64)
         ks = tl.arange(0, BLOCK_K)
 
-        a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
-        w_ptrs = w_ptr + expert * stride_we + cols_in[None, :] * stride_wn + ks[:, None]  # W^T tile [BK, BN]
+        if not A_TMA:
+            a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
+        if W_TMA:
+            w_row = (expert * (stride_we // stride_wn) + pid_n * BLOCK_N).to(tl.int32)  # first row in w as [E*rows, K]
+        else:
+            w_ptrs = w_ptr + expert * stride_we + cols_in[None, :] * stride_wn + ks[:, None]  # W^T tile [BK, BN]
+            if SWIGLU:
+                up_ptrs = w_ptrs + N * stride_wn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if SWIGLU:
-            up_ptrs = w_ptrs + N * stride_wn
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
+            k_ok = ks < K - k * BLOCK_K
+            if A_TMA:
+                a = a_ptr.load([row_start, k * BLOCK_K])
+            elif EVEN_K:
                 a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            if W_TMA:
+                w = w_ptr.load([w_row, k * BLOCK_K]).T
+            elif EVEN_K:
                 w = tl.load(w_ptrs)
             else:
-                k_ok = ks < K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
             if SWIGLU:
-                if EVEN_K:
+                if W_TMA:
+                    u = w_ptr.load([w_row + N, k * BLOCK_K]).T
+                elif EVEN_K:
                     u = tl.load(up_ptrs)
                 else:
                     u = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
                 acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
-                up_ptrs += BLOCK_K
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+                if not W_TMA:
+                    up_ptrs += BLOCK_K
+            if not A_TMA:
+                a_ptrs += BLOCK_K
+            if not W_TMA:
+                w_ptrs += BLOCK_K
 
         store_ok = row_ok[:, None] & (cols < N)[None, :]
         rows64 = rows.to(tl.int64)

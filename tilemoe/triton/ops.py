@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..routing import Routing
 from . import configs
@@ -43,6 +44,14 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
             return f"under TRITON_INTERPRET=1 the kernels take float16 or float32 (the interpreter cannot do bf16 tl.dot), not {dtype}"
         return None
     return f"the Triton kernels run on NVIDIA GPUs (or the CPU interpreter), not on {device.type}"
+
+
+def tma_allowed(t: torch.Tensor) -> bool:
+    """TMA descriptors need a Hopper-or-newer GPU (or the interpreter, which emulates them), a
+    16-byte aligned base and a 16-byte row pitch."""
+    if not interpreted() and (not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9):
+        return False
+    return t.data_ptr() % 16 == 0 and (t.stride(-2) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
 
 
 def _gpu_slug(device: torch.device) -> str | None:
@@ -93,8 +102,12 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     max_tiles = schedule.max_blocks * tiles_n
     programs = min(max_tiles, 2 * _num_sms(a.device)) if config.persistent else max_tiles
     dummy = schedule.row  # stands in for unused pointers (never read)
+    w_tma = config.tma and tma_allowed(w)
+    a_tma = w_tma and gather is None and tma_allowed(a)
+    a_arg = TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]) if a_tma else a
+    w_arg = TensorDescriptor.from_tensor(w.view(-1, k), [config.block_n, config.block_k]) if w_tma else w
     grouped_gemm_kernel[(programs,)](
-        a, w, out, pre if pre is not None else out,
+        a_arg, w_arg, out, pre if pre is not None else out,
         gather if gather is not None else dummy, scatter if scatter is not None else dummy,
         scale if scale is not None else dummy,
         schedule.expert, schedule.row, routing.offsets, schedule.num_blocks,
@@ -104,6 +117,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         GATHER_A=gather is not None, SWIGLU=swiglu, STORE_PRE=pre is not None, SCATTER_C=scatter is not None,
         EVEN_K=k % config.block_k == 0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        A_TMA=a_tma, W_TMA=w_tma, FLATTEN=config.persistent and not interpreted(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
