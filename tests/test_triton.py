@@ -267,3 +267,37 @@ def test_graphed_decode_replays_fresh_inputs_correctly(backend, tokens):
         y = moe(x).clone()
         ref = tilemoe.reference_moe(x.float(), **{k: v.float() for k, v in w.items()}, top_k=cfg.top_k, **cfg.router_options())
         assert tilemoe.rel_error(y, ref) <= tilemoe.TOLERANCE[torch.bfloat16], seed
+
+
+@needs_triton
+@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("num_tokens, hidden, num_experts, top_k", [(1, 40, 64, 8), (37, 64, 64, 6), (70, 32, 64, 1)])
+def test_router_from_tokens_computes_the_logits_and_selects_the_same(router, num_tokens, hidden, num_experts, top_k):
+    opts = dict(ROUTERS[router])
+    g = torch.Generator().manual_seed(num_tokens + hidden)
+    if opts.pop("bias", False):
+        opts["score_bias"] = (torch.randn(num_experts, generator=g) * 0.1).to(DEVICE)
+    x = torch.randn(num_tokens, hidden, generator=g).to(DEVICE, torch.float16)  # H = 40: a partial BLOCK_H
+    router_weight = torch.randn(num_experts, hidden, generator=g).to(DEVICE)
+    want = tilemoe.route(tilemoe.router_logits(x, router_weight), top_k, **opts)
+    from tilemoe.triton import router as triton_router
+
+    with mock.patch.object(triton_router, "select_experts", wraps=triton_router.select_experts) as kernel:
+        got = tilemoe.routing.route_tokens(x, router_weight, top_k, fused=True, **opts)
+    assert kernel.call_count == 1 and kernel.call_args.args[0] is None, "the kernel did not compute the logits"
+    assert torch.equal(got.topk_ids, want.topk_ids)
+    torch.testing.assert_close(got.topk_weights, want.topk_weights, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.sorted_slots, want.sorted_slots) and torch.equal(got.offsets, want.offsets)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_experts", [8, 48])
+def test_router_from_tokens_with_few_or_uneven_experts_and_capacity(num_experts):
+    g = torch.Generator().manual_seed(num_experts)
+    x = torch.randn(50, 32, generator=g).to(DEVICE)
+    router_weight = torch.randn(num_experts, 32, generator=g).to(DEVICE)
+    want = tilemoe.route(tilemoe.router_logits(x, router_weight), 2, capacity_factor=0.75)
+    got = tilemoe.routing.route_tokens(x, router_weight, 2, capacity_factor=0.75, fused=True)
+    assert bool(got.dropped.any()) and got.capacity == want.capacity
+    assert torch.equal(got.topk_ids, want.topk_ids)
+    torch.testing.assert_close(got.topk_weights, want.topk_weights, rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ import torch
 
 from . import backends, checks
 from .reference import swiglu_expert
-from .routing import Routing, route, router_logits
+from .routing import Routing, route_tokens
 
 
 def check_routing(routing: object, num_tokens: int, num_experts: int, top_k: int, device: torch.device) -> Routing:
@@ -54,9 +54,9 @@ def moe_forward(
     checks.check_shared_experts(x, shared_gate_up, shared_down)
     impl = backends.resolve(backend, x.device, x.dtype, hidden, ffn)
     tokens = x.reshape(-1, hidden).contiguous()
-    if routing is None:  # route() checks the router options before it computes anything
-        routing = route(
-            router_logits(tokens, router_weight), top_k, scoring=scoring, renormalize=renormalize,
+    if routing is None:  # route_tokens() checks the router options before it computes anything
+        routing = route_tokens(
+            tokens, router_weight, top_k, scoring=scoring, renormalize=renormalize,
             score_bias=score_bias, num_groups=num_groups, topk_groups=topk_groups,
             routed_scaling=routed_scaling, capacity_factor=capacity_factor,
             fused=getattr(impl, "FUSED_ROUTING", False),

@@ -148,7 +148,7 @@ def capacity_drop_mask(topk_ids: torch.Tensor, topk_scores: torch.Tensor, num_ex
     Inside an expert, slots are ranked by score (ties: lower token first); the first `capacity`
     stay. A dropped slot contributes nothing: the residual connection carries its token.
     """
-    flat_ids = topk_ids.reshape(-1)
+    flat_ids = topk_ids.reshape(-1).long()
     by_score = torch.argsort(topk_scores.reshape(-1), descending=True, stable=True)
     order = by_score[torch.argsort(flat_ids[by_score], stable=True)]
     counts = slot_counts(flat_ids, num_experts)
@@ -299,6 +299,13 @@ def route(
         ids, weights, scores = router.select_experts(logits, top_k, **options)
     else:
         ids, weights, scores = select_experts(logits, top_k, **options)
+    return _with_capacity(ids, weights, scores, num_experts, capacity_factor)
+
+
+def _with_capacity(ids: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor, num_experts: int,
+                   capacity_factor: float | None) -> Routing:
+    """Drop each expert's overflow past capacity (if a factor is given), then build the metadata."""
+    num_tokens, top_k = ids.shape
     capacity = None
     if capacity_factor is not None:
         capacity = capacity_for(num_tokens, top_k, num_experts, capacity_factor)
@@ -306,6 +313,55 @@ def route(
         ids = ids.masked_fill(drop, -1)
         weights = weights.masked_fill(drop, 0.0)
     return build_routing(ids, weights, scores, num_experts, capacity=capacity)
+
+
+def route_tokens(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    score_bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    routed_scaling: float = 1.0,
+    capacity_factor: float | None = None,
+    fused: bool = False,
+) -> Routing:
+    """``route(router_logits(x, router_weight), top_k, ...)``: the whole router of one MoE layer.
+
+    fused: where the Triton router takes x itself (a GPU or the interpreter, fp32 router weights,
+    no gradient wanted), one kernel computes the logits (3xTF32 products: about fp32's accuracy,
+    not its exact rounding, so a near-tie may break differently) and selects the experts: the [T, E]
+    logits never reach memory and x is never copied to fp32. Otherwise ``route(..., fused=fused)``.
+    """
+    options = dict(scoring=scoring, renormalize=renormalize, score_bias=score_bias, num_groups=num_groups,
+                   topk_groups=topk_groups, routed_scaling=routed_scaling)
+    if fused and _fused_tokens_router_runs(x, router_weight, num_groups):
+        num_experts = router_weight.shape[0]
+        check_router_options(num_experts, top_k, scoring=scoring, score_bias=score_bias, num_groups=num_groups,
+                             topk_groups=topk_groups, routed_scaling=routed_scaling,
+                             capacity_factor=capacity_factor, device=x.device)
+        from .triton import router
+
+        ids, weights, scores = router.select_experts(None, top_k, x=x, router_weight=router_weight, **options)
+        return _with_capacity(ids, weights, scores, num_experts, capacity_factor)
+    return route(router_logits(x, router_weight), top_k, capacity_factor=capacity_factor, fused=fused, **options)
+
+
+def _fused_tokens_router_runs(x: torch.Tensor, router_weight: torch.Tensor, num_groups: int | None) -> bool:
+    if torch.is_grad_enabled() and (x.requires_grad or router_weight.requires_grad):
+        return False
+    if x.dim() != 2 or x.device != router_weight.device:
+        return False
+    from .backends import triton_fused
+
+    if triton_fused.unavailable_reason(x.device, torch.float32, 1, 1) is not None:
+        return False
+    from .triton import router
+
+    return router.supports_tokens(x, router_weight, num_groups)
 
 
 def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

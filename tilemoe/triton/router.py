@@ -1,4 +1,4 @@
-"""Top-k selection in one Triton launch: scores, bias, groups, top-k, renormalization, scaling.
+"""Top-k selection in one Triton launch: (logits,) scores, bias, groups, top-k, renormalization, scaling.
 
 The PyTorch router (tilemoe.routing.select_experts) is about ten small operations: softmax, a
 sort of every token's E scores, a gather, a sum, a division... At a decode batch each costs more
@@ -6,6 +6,10 @@ in launch and Python overhead than in arithmetic. This kernel does the same per 
 registers: BLOCK_T tokens per program, each token's E logits in one row of a [BLOCK_T, BLOCK_E]
 tile, and top-k as K rounds of "take the largest, lowest index on a tie, then mask it out": the
 same experts, in the same order, as the stable descending sort of the PyTorch router.
+
+Given x and the router weight instead of logits, the same kernel first computes the logits as a
+small GEMM in registers (3xTF32 tensor-core products, about fp32's accuracy): the [T, E] logits
+never reach memory and x is never copied to fp32.
 
 DeepSeek-V3's group-limited routing (num_groups / topk_groups) runs here when E is a power of two
 and divisible by num_groups (the tile is reshaped to [BLOCK_T, groups, E / groups]); ``supports``
@@ -29,18 +33,35 @@ def _argmax_lowest(values, index, BIG: tl.constexpr):
 
 @triton.jit
 def topk_router_kernel(
-    logits_ptr, bias_ptr, ids_ptr, weights_ptr, scores_ptr,
-    num_tokens, num_experts, stride_t, routed_scaling,
+    logits_ptr, router_w_ptr, bias_ptr, ids_ptr, weights_ptr, scores_ptr,
+    num_tokens, num_experts, hidden, stride_t, routed_scaling,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
     NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+    FROM_TOKENS: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """FROM_TOKENS: logits_ptr is x [T, H] and the logits x @ router_w^T [T, E] are computed here,
+    in fp32 registers, never stored; else logits_ptr holds them."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
     t_ok = t < num_tokens
     e_ok = e < num_experts
-    logits = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :],
-                     mask=t_ok[:, None] & e_ok[None, :], other=float("-inf")).to(tl.float32)
+    if FROM_TOKENS:
+        # x arrives in bf16/fp16: exact in fp32, and in TF32's 10-bit mantissa too, so 3xTF32
+        # products (hi*hi + hi*lo + lo*hi) of x and the fp32 weights keep about fp32's accuracy.
+        h = tl.arange(0, BLOCK_H)
+        rows = logits_ptr + t[:, None].to(tl.int64) * stride_t
+        cols = router_w_ptr + e[None, :].to(tl.int64) * hidden
+        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        for h0 in range(0, hidden, BLOCK_H):
+            h_ok = h0 + h < hidden
+            xs = tl.load(rows + (h0 + h)[None, :], mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+            ws = tl.load(cols + (h0 + h)[:, None], mask=e_ok[None, :] & h_ok[:, None], other=0.0)
+            acc = tl.dot(xs, ws, acc, input_precision=DOT_PRECISION)
+        logits = tl.where(t_ok[:, None] & e_ok[None, :], acc, float("-inf"))
+    else:
+        logits = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :],
+                         mask=t_ok[:, None] & e_ok[None, :], other=float("-inf")).to(tl.float32)
     if SIGMOID:
         scores = tl.sigmoid(logits)
     else:
@@ -96,36 +117,58 @@ def topk_router_kernel(
     tl.store(scores_ptr + out, chosen_scores, mask=ok)
 
 
+MAX_EXPERTS = 1024  # one token's E scores live in registers
+
+
 def supports(logits: torch.Tensor, num_groups: int | None) -> bool:
-    """Whether the kernel runs this selection: fp32 logits and, with groups, E a power of two."""
-    if logits.dtype != torch.float32 or logits.shape[1] > 4096:
+    """Whether the kernel selects from these logits: fp32, and with groups E a power of two."""
+    return logits.dtype == torch.float32 and _experts_fit(logits.shape[1], num_groups)
+
+
+def supports_tokens(x: torch.Tensor, router_weight: torch.Tensor, num_groups: int | None) -> bool:
+    """Whether the kernel computes the logits from x itself: contiguous x and fp32 router weights."""
+    return (x.dtype in (torch.bfloat16, torch.float16, torch.float32) and router_weight.dtype == torch.float32
+            and x.is_contiguous() and router_weight.is_contiguous() and _experts_fit(router_weight.shape[0], num_groups))
+
+
+def _experts_fit(num_experts: int, num_groups: int | None) -> bool:
+    if num_experts > MAX_EXPERTS:
         return False
-    if num_groups is not None and num_groups > 1:
-        num_experts = logits.shape[1]
-        return num_experts == triton.next_power_of_2(num_experts) and num_experts % num_groups == 0
+    if num_groups is not None and num_groups > 1:  # the tile is reshaped to [T, groups, E / groups]: no padding
+        return 16 <= num_experts == triton.next_power_of_2(num_experts) and num_experts % num_groups == 0
     return True
 
 
-def select_experts(logits: torch.Tensor, top_k: int, *, scoring: str, renormalize: bool,
+def select_experts(logits: torch.Tensor | None, top_k: int, *, scoring: str, renormalize: bool,
                    score_bias: torch.Tensor | None, num_groups: int | None, topk_groups: int | None,
-                   routed_scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   routed_scaling: float, x: torch.Tensor | None = None,
+                   router_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids int32 [T, K], weights fp32 [T, K], scores fp32 [T, K]): tilemoe.routing.select_experts
-    in one launch. The caller has validated the options and checked ``supports``."""
-    num_tokens, num_experts = logits.shape
-    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
-    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+    in one launch, from ``logits`` [T, E], or from ``x`` [T, H] and ``router_weight`` [E, H] (the
+    logits computed in the kernel). The caller has validated the options and checked ``supports``."""
+    from_tokens = logits is None
+    source = x if from_tokens else logits
+    num_tokens = source.shape[0]
+    num_experts = router_weight.shape[0] if from_tokens else logits.shape[1]
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=source.device)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=source.device)
     scores = torch.empty_like(weights)
     if num_tokens == 0:
         return ids, weights, scores
-    block_e = triton.next_power_of_2(num_experts)
-    block_t = max(1, min(16, 4096 // block_e))
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    if from_tokens:  # a tl.dot tile: at least 16 tokens; up to 64 while the [T, E] fp32 tile stays small
+        block_t = 16 if num_tokens <= 16 else max(16, min(64, 8192 // block_e))
+    else:
+        block_t = max(1, min(16, 4096 // block_e))
     grouped = num_groups is not None and num_groups > 1
+    bias = score_bias.to(torch.float32).contiguous() if score_bias is not None else None
     topk_router_kernel[(triton.cdiv(num_tokens, block_t),)](
-        logits, score_bias if score_bias is not None else logits, ids, weights, scores,
-        num_tokens, num_experts, logits.stride(0), float(routed_scaling),
+        source, router_weight if from_tokens else source, bias if bias is not None else source, ids, weights, scores,
+        num_tokens, num_experts, x.shape[1] if from_tokens else 0, source.stride(0), float(routed_scaling),
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=block_e,
         SIGMOID=scoring == "sigmoid", HAS_BIAS=score_bias is not None, RENORMALIZE=renormalize,
         NUM_GROUPS=num_groups if grouped else 1, TOPK_GROUPS=topk_groups if grouped else 1,
-        num_warps=4,
+        FROM_TOKENS=from_tokens, BLOCK_H=32, DOT_PRECISION="tf32x3",
+        num_warps=8 if from_tokens and block_t * block_e >= 8192 else 4,
     )
     return ids, weights, scores
