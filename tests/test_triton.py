@@ -269,7 +269,27 @@ def test_graphed_decode_replays_fresh_inputs_correctly(backend, tokens):
         assert tilemoe.rel_error(y, ref) <= tilemoe.TOLERANCE[torch.bfloat16], seed
 
 
+@pytest.fixture
+def tokens_router_always(monkeypatch):
+    """Small batches take the logits path on a GPU (router.MIN_WAVES): test the kernel at any size."""
+    from tilemoe.triton import router as triton_router
+
+    monkeypatch.setattr(triton_router, "MIN_WAVES", 0)
+
+
 @needs_triton
+def test_router_from_tokens_waits_for_a_full_wave_on_a_gpu():
+    from tilemoe.triton import router as triton_router
+
+    x, w = torch.randn(16, 32, device=DEVICE), torch.randn(64, 32, device=DEVICE)
+    assert triton_router.supports_tokens(x, w, None) == (DEVICE.type == "cpu")  # 1 program: 1 "SM" on the CPU
+    big = torch.randn(64 * 200, 32, device=DEVICE)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE.type == "cuda" else 1
+    assert triton_router.supports_tokens(big, w, None) == (200 >= sms)
+
+
+@needs_triton
+@pytest.mark.usefixtures("tokens_router_always")
 @pytest.mark.parametrize("router", list(ROUTERS))
 @pytest.mark.parametrize("num_tokens, hidden, num_experts, top_k", [(1, 40, 64, 8), (37, 64, 64, 6), (70, 32, 64, 1)])
 def test_router_from_tokens_computes_the_logits_and_selects_the_same(router, num_tokens, hidden, num_experts, top_k):
@@ -291,6 +311,7 @@ def test_router_from_tokens_computes_the_logits_and_selects_the_same(router, num
 
 
 @needs_triton
+@pytest.mark.usefixtures("tokens_router_always")
 @pytest.mark.parametrize("num_experts", [8, 48])
 def test_router_from_tokens_with_few_or_uneven_experts_and_capacity(num_experts):
     g = torch.Generator().manual_seed(num_experts)

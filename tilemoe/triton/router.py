@@ -125,10 +125,31 @@ def supports(logits: torch.Tensor, num_groups: int | None) -> bool:
     return logits.dtype == torch.float32 and _experts_fit(logits.shape[1], num_groups)
 
 
+# Computing the logits in the kernel pays only when its programs fill the GPU: each program runs
+# its BLOCK_T tokens over all of H alone, so one token (one program) would read the whole router
+# weight on one SM, where cuBLAS spreads the same GEMM over all of them. Measured on an H200 (bench
+# rows at a94b278): slower at 1 to 4096 tokens, as fast or faster at 16384. Tests set it to 0.
+MIN_WAVES = 1.0
+
+
 def supports_tokens(x: torch.Tensor, router_weight: torch.Tensor, num_groups: int | None) -> bool:
-    """Whether the kernel computes the logits from x itself: contiguous x and fp32 router weights."""
-    return (x.dtype in (torch.bfloat16, torch.float16, torch.float32) and router_weight.dtype == torch.float32
-            and x.is_contiguous() and router_weight.is_contiguous() and _experts_fit(router_weight.shape[0], num_groups))
+    """Whether the kernel computes the logits from x itself: contiguous x, fp32 router weights, and
+    enough tokens for a full wave of programs (MIN_WAVES) on x's GPU."""
+    if not (x.dtype in (torch.bfloat16, torch.float16, torch.float32) and router_weight.dtype == torch.float32
+            and x.is_contiguous() and router_weight.is_contiguous() and _experts_fit(router_weight.shape[0], num_groups)):
+        return False
+    programs = triton.cdiv(x.shape[0], _tokens_per_program(x.shape[0], router_weight.shape[0]))
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    return programs >= MIN_WAVES * sms
+
+
+def _block_e(num_experts: int) -> int:
+    return max(16, triton.next_power_of_2(num_experts))
+
+
+def _tokens_per_program(num_tokens: int, num_experts: int) -> int:
+    """A tl.dot tile: at least 16 tokens; up to 64 while the [T, E] fp32 tile stays small."""
+    return 16 if num_tokens <= 16 else max(16, min(64, 8192 // _block_e(num_experts)))
 
 
 def _experts_fit(num_experts: int, num_groups: int | None) -> bool:
@@ -155,11 +176,8 @@ def select_experts(logits: torch.Tensor | None, top_k: int, *, scoring: str, ren
     scores = torch.empty_like(weights)
     if num_tokens == 0:
         return ids, weights, scores
-    block_e = max(16, triton.next_power_of_2(num_experts))
-    if from_tokens:  # a tl.dot tile: at least 16 tokens; up to 64 while the [T, E] fp32 tile stays small
-        block_t = 16 if num_tokens <= 16 else max(16, min(64, 8192 // block_e))
-    else:
-        block_t = max(1, min(16, 4096 // block_e))
+    block_e = _block_e(num_experts)
+    block_t = _tokens_per_program(num_tokens, num_experts) if from_tokens else max(1, min(16, 4096 // block_e))
     grouped = num_groups is not None and num_groups > 1
     bias = score_bias.to(torch.float32).contiguous() if score_bias is not None else None
     topk_router_kernel[(triton.cdiv(num_tokens, block_t),)](
