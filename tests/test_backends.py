@@ -92,3 +92,12 @@ def test_auto_resolves_to_the_fastest_available():
     w = make_weights(16, 8, 4, dtype=torch.float64)
     y = tilemoe.moe_forward(torch.randn(5, 16, dtype=torch.float64), **w, top_k=2)  # auto -> torch
     assert y.dtype == torch.float64
+
+
+def test_auto_trains_with_a_backend_whose_backward_is_its_own(monkeypatch):
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "torch"))
+    if backends.unavailable_reason("triton", CPU, torch.float32, 16, 8) is not None:
+        pytest.skip("triton does not run here")
+    assert backends.resolve("auto", CPU, torch.float32, 16, 8).NAME == "triton"
+    assert backends.resolve("auto", CPU, torch.float32, 16, 8, needs_grad=True).NAME == "torch"
+    assert backends.resolve("triton", CPU, torch.float32, 16, 8, needs_grad=True).NAME == "triton"  # asked for: given

@@ -45,14 +45,16 @@ def moe_forward(
 
     x [..., H], router_weight [E, H], w_gate_up [E, 2I, H] (gate rows first, then up),
     w_down [E, H, I]  ->  y with x's shape and dtype.
-    backend: "auto" (fastest available for x's device and dtype), or one of
+    backend: "auto" (fastest available for x's device and dtype; when gradients are needed, the
+    fastest with a backward of its own), or one of
     ``tilemoe.backends.BACKENDS``. Router options: ``tilemoe.routing.route``. Pass ``routing``
     to reuse a decision already made (the router options are then not used).
     Every argument is checked before any kernel runs; errors name the argument.
     """
     hidden, ffn, num_experts, _ = checks.check_moe_weights(x, router_weight, w_gate_up, w_down, top_k)
     checks.check_shared_experts(x, shared_gate_up, shared_down)
-    impl = backends.resolve(backend, x.device, x.dtype, hidden, ffn)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, router_weight, w_gate_up, w_down))
+    impl = backends.resolve(backend, x.device, x.dtype, hidden, ffn, needs_grad=needs_grad)
     tokens = x.reshape(-1, hidden).contiguous()
     if routing is None:  # route_tokens() checks the router options before it computes anything
         routing = route_tokens(

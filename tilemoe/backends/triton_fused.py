@@ -27,6 +27,8 @@ from . import grouped_mm, torch_loop
 NAME = "triton"
 # moe_forward routes for this backend with the one-launch Triton router (tilemoe/triton/router.py).
 FUSED_ROUTING = True
+# The backward recomputes through the PyTorch path: backend="auto" trains with grouped_mm instead.
+FAST_BACKWARD = False
 
 
 def _ops():
