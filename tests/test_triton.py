@@ -16,9 +16,9 @@ import tilemoe
 from moe_cases import RAGGED, distinct_ids, forced_routing, make_weights
 from tilemoe import backends
 
-pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# On a GPU machine every test here runs on the GPU, so `pytest -m gpu` selects them all.
+pytestmark = [pytest.mark.usefixtures("poison_uninitialized_memory"), *([pytest.mark.gpu] if DEVICE.type == "cuda" else [])]
 REASON = backends.unavailable_reason("triton", DEVICE, torch.float32, 64, 32)
 needs_triton = pytest.mark.skipif(REASON is not None, reason=str(REASON))
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
