@@ -11,7 +11,9 @@ backends qualify, the "torch" loop (which reads the segment bounds on the host) 
     y = moe(x)        # first call per token count: warm up and capture; then: copy x in, replay
 
 ``y`` is the graph's own output buffer: the next call with the same token count overwrites it
-(``y.clone()`` to keep it). Inference only: no gradients flow through a replay.
+(``y.clone()`` to keep it). The graph reads the weight tensors' memory as it was at capture:
+update weights in place (``copy_``), never by binding new tensors. Inference only: no gradients
+flow through a replay.
 """
 
 from __future__ import annotations
