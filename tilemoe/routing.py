@@ -332,10 +332,9 @@ def route_tokens(
     """``route(router_logits(x, router_weight), top_k, ...)``: the whole router of one MoE layer.
 
     fused: where the Triton router takes x itself (a GPU or the interpreter, fp32 router weights,
-    no gradient wanted, enough tokens to fill the GPU), one kernel computes the logits (exact
-    products for bf16 x, 3xTF32 for fp16/fp32; sums in another order than cuBLAS's, so a near-tie
-    may break differently) and selects the experts: the [T, E] logits never reach memory and x is
-    never copied to fp32. Otherwise ``route(..., fused=fused)``.
+    no gradient wanted), one kernel computes the logits (3xTF32 products: about fp32's accuracy,
+    not its exact rounding, so a near-tie may break differently) and selects the experts: the [T, E]
+    logits never reach memory and x is never copied to fp32. Otherwise ``route(..., fused=fused)``.
     """
     options = dict(scoring=scoring, renormalize=renormalize, score_bias=score_bias, num_groups=num_groups,
                    topk_groups=topk_groups, routed_scaling=routed_scaling)

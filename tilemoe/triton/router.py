@@ -8,9 +8,8 @@ tile, and top-k as K rounds of "take the largest, lowest index on a tie, then ma
 same experts, in the same order, as the stable descending sort of the PyTorch router.
 
 Given x and the router weight instead of logits, the same kernel first computes the logits as a
-small GEMM in registers: for bf16 x, exact products of x with the fp32 weights split into three
-bf16 parts; for fp16/fp32 x, 3xTF32 products (about fp32's accuracy). The [T, E] logits never
-reach memory and x is never copied to fp32.
+small GEMM in registers (3xTF32 tensor-core products, about fp32's accuracy): the [T, E] logits
+never reach memory and x is never copied to fp32.
 
 DeepSeek-V3's group-limited routing (num_groups / topk_groups) runs here when E is a power of two
 and divisible by num_groups (the tile is reshaped to [BLOCK_T, groups, E / groups]); ``supports``
@@ -39,7 +38,7 @@ def topk_router_kernel(
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
     NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
-    FROM_TOKENS: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_BF16: tl.constexpr,
+    FROM_TOKENS: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """FROM_TOKENS: logits_ptr is x [T, H] and the logits x @ router_w^T [T, E] are computed here,
     in fp32 registers, never stored; else logits_ptr holds them."""
@@ -48,28 +47,17 @@ def topk_router_kernel(
     t_ok = t < num_tokens
     e_ok = e < num_experts
     if FROM_TOKENS:
+        # x arrives in bf16/fp16: exact in fp32, and in TF32's 10-bit mantissa too, so 3xTF32
+        # products (hi*hi + hi*lo + lo*hi) of x and the fp32 weights keep about fp32's accuracy.
         h = tl.arange(0, BLOCK_H)
         rows = logits_ptr + t[:, None].to(tl.int64) * stride_t
         cols = router_w_ptr + e[None, :].to(tl.int64) * hidden
         acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
         for h0 in range(0, hidden, BLOCK_H):
             h_ok = h0 + h < hidden
-            xs = tl.load(rows + (h0 + h)[None, :], mask=t_ok[:, None] & h_ok[None, :], other=0.0)
+            xs = tl.load(rows + (h0 + h)[None, :], mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
             ws = tl.load(cols + (h0 + h)[:, None], mask=e_ok[None, :] & h_ok[:, None], other=0.0)
-            if SPLIT_BF16:
-                # bf16 x times fp32 w, exactly: w = hi + mid + lo, three bf16 numbers (8 significant
-                # bits each, 24 together: all of fp32's). Every bf16 x bf16 product is exact in the
-                # tensor cores' fp32 accumulator, so only the sums round, as in an fp32 GEMM.
-                hi = ws.to(tl.bfloat16)
-                rest = ws - hi.to(tl.float32)
-                mid = rest.to(tl.bfloat16)
-                lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-                acc = tl.dot(xs, lo, acc)
-                acc = tl.dot(xs, mid, acc)
-                acc = tl.dot(xs, hi, acc)
-            else:
-                # fp16/fp32 x: 3xTF32 products (hi*hi + hi*lo + lo*hi), about fp32's accuracy.
-                acc = tl.dot(xs.to(tl.float32), ws, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(xs, ws, acc, input_precision=DOT_PRECISION)
         logits = tl.where(t_ok[:, None] & e_ok[None, :], acc, float("-inf"))
     else:
         logits = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :],
@@ -199,7 +187,6 @@ def select_experts(logits: torch.Tensor | None, top_k: int, *, scoring: str, ren
         SIGMOID=scoring == "sigmoid", HAS_BIAS=score_bias is not None, RENORMALIZE=renormalize,
         NUM_GROUPS=num_groups if grouped else 1, TOPK_GROUPS=topk_groups if grouped else 1,
         FROM_TOKENS=from_tokens, BLOCK_H=32, DOT_PRECISION="tf32x3",
-        SPLIT_BF16=from_tokens and x.dtype == torch.bfloat16,
         num_warps=8 if from_tokens and block_t * block_e >= 8192 else 4,
     )
     return ids, weights, scores
