@@ -20,6 +20,9 @@ nn.Linear [E, N, K] layout, with three optional fusions chosen by constexpr flag
 - SCATTER_C: the down-projection multiplies row r by its slot's routing weight and writes it to
   the slot's own row, sorted_slots[r], of a [T*K, N] output: the combine is then a plain sum of
   each token's K consecutive rows (deterministic, no atomics).
+
+``combine_kernel`` is that sum. Slots that no expert kept (capacity drops, the -1 padding of token
+rounding) were never written: it skips them by their id instead of reading zeros someone wrote.
 """
 
 from __future__ import annotations
@@ -171,3 +174,19 @@ def grouped_gemm_kernel(
         else:
             out_rows = rows64
         tl.store(c_ptr + out_rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def combine_kernel(rows_ptr, ids_ptr, y_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                   HAS_EMPTY: tl.constexpr):
+    """y[t] = sum over k of rows[t*K + k] in fp32, leaving out slots whose id is -1 (HAS_EMPTY)."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < hidden
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        ok = col_ok
+        if HAS_EMPTY:  # the slot's id, loaded once per lane (one cached address) to mask the row
+            ok = ok & (tl.load(ids_ptr + t * TOP_K + k + tl.zeros_like(cols)) >= 0)
+        acc += tl.load(rows_ptr + (t * TOP_K + k) * hidden + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * hidden + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)

@@ -2,12 +2,13 @@
 
     y = moe_experts(x, routing, w_gate_up, w_down)      # [T, H], what backend "triton" returns
 
-Three launches after routing, none waiting for the host:
+Four launches after routing, none waiting for the host:
 1. ``schedule_kernel``: per-expert counts -> the list of row blocks (expert, first row);
 2. up-projection: gather x's rows through the permutation, both halves of w_gate_up, SwiGLU in
    the epilogue -> A [T*K, I] in expert order;
 3. down-projection: A @ w_down[e]^T, each row scaled by its routing weight and written to its
-   slot's row -> [T, K, H]; y = the sum over K (one pass, fp32 accumulation, deterministic).
+   slot's row -> [T, K, H];
+4. combine: y = the sum over K (one pass, fp32 accumulation, deterministic; unkept slots skipped).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..routing import Routing
 from . import configs
-from .kernels import grouped_gemm_kernel, schedule_kernel
+from .kernels import combine_kernel, grouped_gemm_kernel, schedule_kernel
 
 GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Triton's interpreter multiplies bf16 as raw bit patterns in tl.dot (triton-lang/triton#11584).
@@ -151,10 +152,14 @@ def moe_experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_do
     pre = x.new_empty(slots, 2 * ffn) if store_pre else None
     grouped_gemm(x, w_gate_up, routing, schedule, up_cfg, n=ffn, gather=routing.sorted_tokens, swiglu=True,
                  pre=pre, out=act)
-    # Dropped slots belong to no expert and are never written: start them at zero.
-    rows = (x.new_zeros if routing.has_empty_slots else x.new_empty)(slots, hidden)
+    rows = x.new_empty(slots, hidden)  # dropped slots' rows stay unwritten: the combine skips them
     weights = routing.topk_weights.reshape(-1).to(torch.float32)
     grouped_gemm(act, w_down, routing, schedule, down_cfg, n=hidden, scatter=routing.sorted_slots, scale=weights,
                  out=rows)
-    y = rows.view(num_tokens, top_k, hidden).sum(dim=1)  # accumulates in fp32 even for bf16 rows
+    y = x.new_empty(num_tokens, hidden)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+        rows, routing.topk_ids, y, hidden, TOP_K=top_k, BLOCK_H=block_h, HAS_EMPTY=routing.has_empty_slots,
+        num_warps=4,
+    )
     return y, {"act": act, "pre": pre, "schedule": schedule, "configs": (up_cfg, down_cfg)}
