@@ -279,11 +279,7 @@ def main(argv=None) -> int:
                         help="print the README's markdown tables from files --record wrote, and exit (runs nothing)")
     args = parser.parse_args(argv)
     if args.table:
-        try:
-            print(table_markdown(args.table))
-        except (OSError, ValueError, KeyError) as exc:
-            parser.error(f"--table: {type(exc).__name__}: {exc}")
-        return 0
+        return bench.print_tables(parser, table_markdown, args.table)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"

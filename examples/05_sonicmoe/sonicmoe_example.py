@@ -596,11 +596,7 @@ def main(argv=None) -> int:
                         help="print the README's markdown tables from files --record wrote, and exit (runs nothing)")
     args = parser.parse_args(argv)
     if args.table:
-        try:
-            print(tables_markdown(args.table))
-        except (OSError, ValueError, KeyError) as exc:  # a missing or foreign file: say which, no traceback
-            parser.error(f"--table: {type(exc).__name__}: {exc}")
-        return 0
+        return bench.print_tables(parser, tables_markdown, args.table)
     if args.tokens is not None and args.tokens < 1:
         parser.error(f"--tokens: expected an int >= 1, got {args.tokens}")
 
