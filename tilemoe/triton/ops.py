@@ -13,6 +13,8 @@ Four launches after routing, none waiting for the host:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -47,14 +49,22 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"the Triton kernels run on NVIDIA GPUs (or the CPU interpreter), not on {device.type}"
 
 
+# Device facts are read once per device: at decode sizes every microsecond of Python counts.
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
 def tma_allowed(t: torch.Tensor) -> bool:
     """TMA descriptors need a Hopper-or-newer GPU (or the interpreter, which emulates them), a
     16-byte aligned base and a 16-byte row pitch."""
-    if not interpreted() and (not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9):
+    if not interpreted() and (not t.is_cuda or _capability_major(t.device) < 9):
         return False
     return t.data_ptr() % 16 == 0 and (t.stride(-2) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
 
 
+@functools.lru_cache(maxsize=None)
 def _gpu_slug(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
@@ -63,7 +73,9 @@ def _gpu_slug(device: torch.device) -> str | None:
     return slug(torch.cuda.get_device_name(device))
 
 
-def _num_sms(device: torch.device) -> int:
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (4 stand-ins for the interpreter's CPU)."""
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -101,7 +113,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     k = a.shape[1]
     tiles_n = triton.cdiv(n, config.block_n)
     max_tiles = schedule.max_blocks * tiles_n
-    programs = min(max_tiles, 2 * _num_sms(a.device)) if config.persistent else max_tiles
+    programs = min(max_tiles, 2 * num_sms(a.device)) if config.persistent else max_tiles
     dummy = schedule.row  # stands in for unused pointers (never read)
     w_tma = config.tma and tma_allowed(w)
     a_tma = w_tma and gather is None and tma_allowed(a)
@@ -126,8 +138,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
 
 def pick_configs(routing: Routing, hidden: int, ffn: int, device: torch.device) -> tuple[configs.TileConfig, configs.TileConfig]:
     """(up, down) configurations for this routing's average rows per expert, on this GPU."""
-    rows_per_expert = routing.sorted_slots.numel() / routing.num_experts
-    slug = _gpu_slug(device)
+    return _pick_configs(routing.sorted_slots.numel() / routing.num_experts, hidden, ffn, _gpu_slug(device))
+
+
+@functools.lru_cache(maxsize=4096)  # one entry per (batch size, shape, GPU) seen: decode reuses a few
+def _pick_configs(rows_per_expert: float, hidden: int, ffn: int, slug: str | None):
     up = configs.pick("up", ffn, hidden, rows_per_expert, slug)
     down = configs.pick("down", hidden, ffn, rows_per_expert, slug)
     if down.block_m != up.block_m:  # one schedule serves both GEMMs

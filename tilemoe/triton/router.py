@@ -139,7 +139,9 @@ def supports_tokens(x: torch.Tensor, router_weight: torch.Tensor, num_groups: in
             and x.is_contiguous() and router_weight.is_contiguous() and _experts_fit(router_weight.shape[0], num_groups)):
         return False
     programs = triton.cdiv(x.shape[0], _tokens_per_program(x.shape[0], router_weight.shape[0]))
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    from .ops import num_sms
+
+    sms = num_sms(x.device) if x.is_cuda else 1
     return programs >= MIN_WAVES * sms
 
 
