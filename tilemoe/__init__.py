@@ -5,10 +5,12 @@
     ref = tilemoe.reference_moe(x, router_weight, w_gate_up, w_down, top_k=2)
 
 Modules: reference (ground truth), routing (top-k, metadata, capacity, statistics), backends
-(ways of running the experts), rounding (tile-aware token rounding), presets (model shapes), bench (timing and recording), cuda (the
-compiled extension), checks (input validation).
+(ways of running the experts), triton (the fused kernels), graphs (the CUDA-graph decode path),
+rounding (tile-aware token rounding), presets (model shapes), bench (timing and recording), cuda
+(the compiled extension), checks (input validation).
 """
 
+from . import graphs
 from .backends import BACKENDS, available_backends
 from .moe import moe_forward
 from .presets import PRESETS, MoEConfig, get_preset
