@@ -22,7 +22,7 @@ def run(script: str, *args: str, check: bool = True) -> subprocess.CompletedProc
     return out
 
 
-@pytest.mark.parametrize("script", ["bench_moe_variants.py", "tune_triton.py"])
+@pytest.mark.parametrize("script", ["bench_moe_variants.py", "tune_triton.py", "moe_journey.py"])
 def test_help(script):
     assert "usage:" in run(script, "--help").stdout
 
@@ -74,3 +74,22 @@ def test_readme_tables_are_generated_from_the_recorded_runs():
     files = readme.split(begin, 1)[1].split(" -->", 1)[0].split()
     out = run("bench_moe_variants.py", "--table", *files).stdout
     assert out.strip() in readme, "benchmarks/README.md differs from --table's output: regenerate it"
+
+
+def test_journey_runs_every_level_this_machine_can_and_says_why_not_the_others(tmp_path):
+    # Under the interpreter (tests/conftest.py) levels 2, 3 and 7 run their Triton kernels too.
+    out = run("moe_journey.py", "--tokens", "16", "--naive-tokens", "8", "--plot", str(tmp_path / "j.png")).stdout
+    for level, technique in ((0, "naive"), (1, "batched"), (2, "fused"), (3, "memory-efficient"), (4, "grouped"),
+                             (7, "tilemoe triton")):
+        assert re.search(rf"^\s+{level}\s+{re.escape(technique)}\s+\d", out, re.M), technique
+    assert "timed on 8 tokens, scaled to 16" in out and "FAIL" not in out
+    assert "skipped level 5 CUDA graphs at T=16: CUDA graphs need a CUDA GPU" in out
+    assert (tmp_path / "j.png").stat().st_size > 0
+
+
+def test_journey_guards_the_batched_levels_memory():
+    out = run("moe_journey.py", "--tokens", "16", "--levels", "0", "1", "4", "--max-gb", "0.001").stdout
+    assert re.search(r"skipped level 1 batched at T=16: would need 0\.\d+ GB of gathered weights \(over --max-gb 0.001\)", out)
+    assert re.search(r"^\s+4\s+grouped\s+\d", out, re.M)
+    bad = run("moe_journey.py", "--levels", "9", check=False)
+    assert bad.returncode == 2 and "--levels" in bad.stderr

@@ -322,3 +322,15 @@ def test_router_from_tokens_with_few_or_uneven_experts_and_capacity(num_experts)
     assert bool(got.dropped.any()) and got.capacity == want.capacity
     assert torch.equal(got.topk_ids, want.topk_ids)
     torch.testing.assert_close(got.topk_weights, want.topk_weights, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("rows, ffn", [(0, 8), (1, 24), (37, 1100)])
+def test_swiglu_kernel_is_silu_gate_times_up(rows, ffn):
+    ops_mod, _ = ops()
+    h = torch.randn(rows, 2 * ffn, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
+    out = ops_mod.swiglu(h)
+    want = torch.nn.functional.silu(h[:, :ffn].double()) * h[:, ffn:].double()
+    assert out.shape == (rows, ffn) and (rows == 0 or tilemoe.rel_error(out, want) <= 1e-6)
+    buffer = torch.empty(rows, ffn, device=DEVICE)
+    assert ops_mod.swiglu(h, out=buffer) is buffer and torch.equal(buffer, out)

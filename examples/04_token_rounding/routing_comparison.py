@@ -43,7 +43,7 @@ from tabulate import tabulate
 import tilemoe
 from tilemoe import bench, rounding
 from tilemoe.backends.common import swiglu
-from tilemoe.backends.grouped_mm import _grouped_mm  # the very function the grouped_mm backend calls
+from tilemoe.backends.grouped_mm import grouped_mm_op  # the very function the grouped_mm backend calls
 from tilemoe.grading import poisoned_memory
 from tilemoe.reference import swiglu_expert
 from tilemoe.routing import Routing, build_routing, tile_rows
@@ -110,8 +110,8 @@ def output_change(x, weights, routings, diff_tokens) -> dict[str, float]:
 #   rounded modes:  already whole tiles (a count is only off a multiple when capped at T).
 
 def expert_gemms(rows: torch.Tensor, ends: torch.Tensor, w_gate_up_t: torch.Tensor, w_down_t: torch.Tensor):
-    h = _grouped_mm(rows, w_gate_up_t, offs=ends)
-    return _grouped_mm(swiglu(h), w_down_t, offs=ends)
+    h = grouped_mm_op(rows, w_gate_up_t, offs=ends)
+    return grouped_mm_op(swiglu(h), w_down_t, offs=ends)
 
 
 def gemm_inputs(x: torch.Tensor, routings: dict, tile: int) -> dict:

@@ -1,6 +1,6 @@
 """Backend "grouped_mm": PyTorch's grouped GEMM, one launch for all experts per projection.
 
-torch.nn.functional.grouped_mm (torch._grouped_mm before it was public) multiplies each expert's
+torch.nn.functional.grouped_mm (torch.grouped_mm_op before it was public) multiplies each expert's
 row segment of a row-sorted matrix by that expert's weight in one call; on sm90/sm100 it is a
 CUTLASS kernel. The segment ends come from routing.offsets on the device: no host sync.
 """
@@ -15,11 +15,11 @@ from .common import combine, swiglu
 
 NAME = "grouped_mm"
 
-_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+grouped_mm_op = getattr(F, "grouped_mm", None) or getattr(torch, "grouped_mm_op", None)
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int) -> str | None:
-    if _grouped_mm is None:
+    if grouped_mm_op is None:
         return f"torch {torch.__version__} has no grouped_mm (it needs torch >= 2.8)"
     if device.type == "cuda":
         if dtype != torch.bfloat16:
@@ -41,6 +41,6 @@ def experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: 
     # Every slot's row, expert-sorted; dropped slots sit past ends[-1] and are not computed.
     rows = x[routing.sorted_tokens]
     # grouped_mm computes rows_e @ b_e with b [E, K, N]: the transposed view of our [E, N, K] weights.
-    h = _grouped_mm(rows, w_gate_up.transpose(1, 2), offs=ends)
-    out = _grouped_mm(swiglu(h), w_down.transpose(1, 2), offs=ends)
+    h = grouped_mm_op(rows, w_gate_up.transpose(1, 2), offs=ends)
+    out = grouped_mm_op(swiglu(h), w_down.transpose(1, 2), offs=ends)
     return combine(out, routing)

@@ -190,3 +190,15 @@ def combine_kernel(rows_ptr, ids_ptr, y_ptr, hidden, TOP_K: tl.constexpr, BLOCK_
             ok = ok & (tl.load(ids_ptr + t * TOP_K + k + tl.zeros_like(cols)) >= 0)
         acc += tl.load(rows_ptr + (t * TOP_K + k) * hidden + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + t * hidden + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def swiglu_kernel(h_ptr, out_ptr, ffn, BLOCK: tl.constexpr):
+    """out[r] = silu(h[r, :I]) * h[r, I:] in fp32 registers: one read of h, one write of out, where
+    PyTorch's chunk + silu + multiply makes three passes and a temporary."""
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < ffn
+    gate = tl.load(h_ptr + r * 2 * ffn + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(h_ptr + r * 2 * ffn + ffn + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r * ffn + cols, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)

@@ -21,7 +21,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..routing import Routing
 from . import configs
-from .kernels import combine_kernel, grouped_gemm_kernel, schedule_kernel
+from .kernels import combine_kernel, grouped_gemm_kernel, schedule_kernel, swiglu_kernel
 
 GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Triton's interpreter multiplies bf16 as raw bit patterns in tl.dot (triton-lang/triton#11584).
@@ -178,3 +178,15 @@ def moe_experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_do
         num_warps=4,
     )
     return y, {"act": act, "pre": pre, "schedule": schedule, "configs": (up_cfg, down_cfg)}
+
+
+def swiglu(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(h[:, :I]) * h[:, I:] for a contiguous h [R, 2I] in one pass (``swiglu_kernel``), into
+    ``out`` [R, I] when given (a preallocated buffer) or a new tensor."""
+    rows, two_i = h.shape
+    ffn = two_i // 2
+    out = h.new_empty(rows, ffn) if out is None else out
+    if rows:
+        block = min(1024, triton.next_power_of_2(ffn))
+        swiglu_kernel[(rows, triton.cdiv(ffn, block))](h, out, ffn, BLOCK=block)
+    return out
