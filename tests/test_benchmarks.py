@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import tilemoe
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -22,7 +27,7 @@ def run(script: str, *args: str, check: bool = True) -> subprocess.CompletedProc
     return out
 
 
-@pytest.mark.parametrize("script", ["bench_moe_variants.py", "tune_triton.py", "moe_journey.py"])
+@pytest.mark.parametrize("script", ["bench_moe_variants.py", "tune_triton.py", "moe_journey.py", "throughput.py"])
 def test_help(script):
     assert "usage:" in run(script, "--help").stdout
 
@@ -93,3 +98,39 @@ def test_journey_guards_the_batched_levels_memory():
     assert re.search(r"^\s+4\s+grouped\s+\d", out, re.M)
     bad = run("moe_journey.py", "--levels", "9", check=False)
     assert bad.returncode == 2 and "--levels" in bad.stderr
+
+
+def load(script: str):
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), BENCH / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_models_every_preset_without_a_gpu():
+    out = run("throughput.py", "--hardware", "h100", "--num-gpus", "8").stdout
+    assert "modelled (roofline, an upper bound): NVIDIA H100 SXM. Source: NVIDIA H100" in out
+    assert "MoE layers only (attention, dense FFNs, embeddings left out)" in out
+    assert "data-parallel model, efficiency 0.9" in out
+    for preset, model in (("small", "small"), ("medium", "olmoe-1b-7b"), ("large", "deepseek-v3")):
+        assert re.search(rf"^{preset}\s+{model}\s+modelled\s+\d", out, re.M), preset
+    bad = run("throughput.py", "--scaling-efficiency", "0", check=False)
+    assert bad.returncode == 2 and "--scaling-efficiency: expected a number in (0, 1], got 0.0" in bad.stderr
+
+
+def test_throughput_roofline_and_economics_by_hand():
+    tp = load("throughput.py")
+    h200, cfg = tp.HARDWARE["h200"], tilemoe.get_preset("olmoe-1b-7b")
+    # 16384 tokens: compute-bound, 6*T*K*H*I FLOPs at 989 TFLOP/s
+    assert abs(tp.modelled_layer_ms(cfg, 16384, h200) - 6 * 16384 * 8 * 2048 * 1024 / 989e12 * 1e3) < 1e-9
+    # one token: memory-bound, K experts' weights (+ tiny activations) at 4.8 TB/s
+    one = (8 * 3 * 2048 * 1024 + 2 * 2048 + 2 * 8 * 1024) * 2 / 4.8e12 * 1e3
+    assert abs(tp.modelled_layer_ms(cfg, 1, h200) - one) < 1e-12
+    args = argparse.Namespace(num_gpus=4, scaling_efficiency=0.5, target_tokens_per_day=1e9, cost_tokens=3.6e9,
+                              usd_per_gpu_hour=2.0)
+    e = tp.economics(1.0, cfg, 1000, args)          # 16 layers x 1 ms = 16 ms per 1000 tokens
+    assert e["tokens/s per GPU"] == pytest.approx(62500)
+    assert e["tokens/day on 4 GPU(s)"] == pytest.approx(62500 * 86400 * 4 * 0.5)
+    assert e["GPUs for target"] == math.ceil(1e9 / (62500 * 86400 * 0.5))
+    assert e["GPU-hours for N tokens"] == pytest.approx(3.6e9 / (62500 * 0.5) / 3600)
+    assert e["USD for N tokens"] == pytest.approx(2 * e["GPU-hours for N tokens"])

@@ -1,7 +1,9 @@
 """Model shapes the chapter measures, in one place. FLOPs of a SwiGLU MoE: 6*T*K*H*I forward.
 
 Sources: each model's public config.json (Mixtral-8x7B-v0.1, DeepSeek-V3, Qwen3-30B-A3B,
-OLMoE-1B-7B-0924). ``small`` is sized to run in seconds on a CPU.
+OLMoE-1B-7B-0924): hidden_size, moe_intermediate_size (intermediate_size for Mixtral), the expert
+counts, and num_hidden_layers (DeepSeek-V3: 61, of which first_k_dense_replace = 3 are dense).
+``small`` is sized to run in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class MoEConfig:
     topk_groups: int | None = None
     routed_scaling: float = 1.0
     shared_experts: int = 0  # each of intermediate size ffn
+    moe_layers: int = 1      # transformer layers whose FFN is this MoE (config.json; DeepSeek-V3's first 3 are dense)
 
     def router_options(self) -> dict:
         """The keyword arguments of tilemoe.routing.route / moe_forward for this model's router."""
@@ -76,12 +79,12 @@ class MoEConfig:
 PRESETS = {
     c.name: c
     for c in (
-        MoEConfig("small", hidden=256, ffn=512, experts=8, top_k=2),
-        MoEConfig("mixtral-8x7b", hidden=4096, ffn=14336, experts=8, top_k=2),
+        MoEConfig("small", hidden=256, ffn=512, experts=8, top_k=2, moe_layers=4),
+        MoEConfig("mixtral-8x7b", hidden=4096, ffn=14336, experts=8, top_k=2, moe_layers=32),
         MoEConfig("deepseek-v3", hidden=7168, ffn=2048, experts=256, top_k=8, scoring="sigmoid",
-                  num_groups=8, topk_groups=4, routed_scaling=2.5, shared_experts=1),
-        MoEConfig("qwen3-30b-a3b", hidden=2048, ffn=768, experts=128, top_k=8),
-        MoEConfig("olmoe-1b-7b", hidden=2048, ffn=1024, experts=64, top_k=8, renormalize=False),
+                  num_groups=8, topk_groups=4, routed_scaling=2.5, shared_experts=1, moe_layers=58),
+        MoEConfig("qwen3-30b-a3b", hidden=2048, ffn=768, experts=128, top_k=8, moe_layers=48),
+        MoEConfig("olmoe-1b-7b", hidden=2048, ffn=1024, experts=64, top_k=8, renormalize=False, moe_layers=16),
     )
 }
 
