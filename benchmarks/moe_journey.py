@@ -38,8 +38,11 @@ moe_journey-<date>.json; --plot a PNG of time per level.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -292,6 +295,30 @@ def plot(rows: list[dict], path: str) -> None:
     print(f"plot: {path}")
 
 
+def table_markdown(files: list) -> str:
+    """The README's tables for recorded journeys: one per token count, one row per level."""
+    parts = []
+    for path in map(Path, files):
+        run = json.loads(path.read_text())
+        link = Path(os.path.relpath(path.resolve(), Path(__file__).resolve().parent)).as_posix()
+        preset = run["preset"]
+        parts.append(f"{run['gpu'] or run['device']}, torch {run['torch']}, triton {run['triton']}, "
+                     f"{run['dtype'].removeprefix('torch.')}, commit {run['commit'][:7]}, `{run['command']}`, "
+                     f"{run['date'][:10]}; {preset['name']} (H={preset['hidden']}, I={preset['ffn']}, "
+                     f"E={preset['experts']}, K={preset['top_k']}); [{path.name}]({link}).")
+        for tokens in run["tokens"]:
+            lines = [f"**{tokens} tokens**", "", "| level | technique | ms | vs level 0 | vs previous | TFLOP/s | peak GB | note |",
+                     "|---|---|---|---|---|---|---|---|"]
+            for r in (r for r in run["rows"] if r["tokens"] == tokens):
+                fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+                lines.append(f"| {r['level']} | {r['technique']} | {r['ms']:.3f} | {fmt(r['vs level 0'], '.2f')} | "
+                             f"{fmt(r['vs previous'], '.2f')} | {r['tflops']:.3g} | {fmt(r['peak_gb'], '.2f')} | {r['note']} |")
+            skipped = [f"level {what.split(' at ')[0]}: {why}" for what, why in run["skipped"].items()
+                       if what.endswith(f"T={tokens}")]
+            parts.append("\n".join(lines + ([""] + [f"Skipped {s}." for s in skipped] if skipped else [])))
+    return bench.generated_block("benchmarks/moe_journey.py", files, "\n\n".join(parts))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, choices=sorted(tilemoe.PRESETS),
@@ -306,7 +333,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record", action="store_true", help="write the rows to benchmarks/results/<device>/")
     parser.add_argument("--plot", metavar="PNG", help="write time per level to this PNG")
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="print the README's markdown tables from files --record wrote, and exit (runs nothing)")
     args = parser.parse_args(argv)
+    if args.table:
+        return bench.print_tables(parser, table_markdown, args.table)
     on_gpu = DEVICE.type == "cuda"
     tokens = args.tokens or (list(GPU_TOKENS) if on_gpu else [64])
     if any(t < 1 for t in tokens) or args.naive_tokens < 1:

@@ -25,8 +25,11 @@ Presets: the chapter's, plus "medium" (olmoe-1b-7b, 64 experts) and "large" (dee
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
@@ -93,6 +96,29 @@ def economics(layer_ms: float, cfg: tilemoe.MoEConfig, tokens: int, args) -> dic
     }
 
 
+COLUMNS = ["preset", "model", "how", "moe layers", "layer ms", "tokens/s per GPU", "tokens/day on {n} GPU(s)",
+           "GPUs for target", "GPU-hours for N tokens", "USD for N tokens"]
+
+
+def table_markdown(files: list) -> str:
+    """The README's table for recorded runs: one row per preset and way of running it."""
+    parts = []
+    for path in map(Path, files):
+        run = json.loads(path.read_text())
+        link = Path(os.path.relpath(path.resolve(), Path(__file__).resolve().parent)).as_posix()
+        how = (f"measured on {run['gpu']}" if run["measured"]
+               else f"modelled from {run['hardware']['name']} ({run['hardware']['source']})")
+        cols = [c.format(n=run["num_gpus"]) for c in COLUMNS]
+        lines = [f"{how}; torch {run['torch']}, commit {run['commit'][:7]}, `{run['command']}`, {run['date'][:10]}; "
+                 f"{run['tokens']} tokens per forward, MoE layers only; N = {run['cost_tokens']:.3g} tokens at "
+                 f"{run['usd_per_gpu_hour']} USD/GPU-hour; [{path.name}]({link}).", "",
+                 "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+        for r in run["rows"]:
+            lines.append("| " + " | ".join(v if isinstance(v := r[c], str) else f"{v:.4g}" for c in cols) + " |")
+        parts.append("\n".join(lines))
+    return bench.generated_block("benchmarks/throughput.py", files, "\n\n".join(parts))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     names = sorted([*tilemoe.PRESETS, *ALIASES])
@@ -110,7 +136,11 @@ def main(argv=None) -> int:
                         help="your price of one GPU-hour (default: 2.0, an input, not a quote)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record", action="store_true", help="write the rows to benchmarks/results/<device>/")
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="print the README's markdown table from files --record wrote, and exit (runs nothing)")
     args = parser.parse_args(argv)
+    if args.table:
+        return bench.print_tables(parser, table_markdown, args.table)
     for name, value, low in (("--tokens", args.tokens, 1), ("--num-gpus", args.num_gpus, 1)):
         if value < low:
             parser.error(f"{name}: expected an int >= {low}, got {value}")
@@ -147,8 +177,7 @@ def main(argv=None) -> int:
                 return 1
             rows.append({**base, "how": f"measured, {backend}", "rel_error": err, **economics(ms, cfg, args.tokens, args)})
         torch.cuda.empty_cache()
-    cols = ["preset", "model", "how", "moe layers", "layer ms", "tokens/s per GPU", f"tokens/day on {args.num_gpus} GPU(s)",
-            "GPUs for target", "GPU-hours for N tokens", "USD for N tokens"]
+    cols = [c.format(n=args.num_gpus) for c in COLUMNS]
     print(tabulate([[r.get(c) for c in cols] for r in rows], cols, floatfmt=".4g"))
     if args.record:
         extra = {"tokens": args.tokens, "num_gpus": args.num_gpus, "scaling_efficiency": args.scaling_efficiency,

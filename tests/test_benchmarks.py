@@ -134,3 +134,32 @@ def test_throughput_roofline_and_economics_by_hand():
     assert e["GPUs for target"] == math.ceil(1e9 / (62500 * 86400 * 0.5))
     assert e["GPU-hours for N tokens"] == pytest.approx(3.6e9 / (62500 * 0.5) / 3600)
     assert e["USD for N tokens"] == pytest.approx(2 * e["GPU-hours for N tokens"])
+
+
+def test_throughput_and_journey_tables_from_records(tmp_path):
+    from tilemoe import bench
+
+    tp = load("throughput.py")
+    cfg = tilemoe.get_preset("small")
+    args = argparse.Namespace(num_gpus=2, scaling_efficiency=0.9, target_tokens_per_day=1e9, cost_tokens=1e9,
+                              usd_per_gpu_hour=1.5)
+    rows = [{"preset": "small", "model": "small", "how": "modelled", "moe layers": 4, **tp.economics(2.0, cfg, 1000, args)}]
+    extra = {"tokens": 1000, "num_gpus": 2, "scaling_efficiency": 0.9, "target_tokens_per_day": 1e9,
+             "cost_tokens": 1e9, "usd_per_gpu_hour": 1.5, "measured": False, "hardware": tp.HARDWARE["b200"]}
+    path = bench.record("throughput", rows, "cpu", out_dir=tmp_path, extra=extra)
+    out = run("throughput.py", "--table", str(path)).stdout
+    assert "modelled from NVIDIA B200 (HGX, 1000 W) (NVIDIA HGX B200 datasheet" in out
+    assert "| small | small | modelled | 4 | 2 | 1.25e+05 | 1.944e+10 |" in out  # 1000 tokens / (4 x 2 ms); x 86400 x 2 x 0.9
+
+    journey = [{"preset": "small", "tokens": 8, "level": 0, "technique": "naive", "ms": 4.0, "tflops": 1e-3,
+                "peak_gb": None, "rel_error": 1e-7, "check": "PASS", "note": "timed on 4 tokens, scaled to 8",
+                "vs level 0": 1.0, "vs previous": None},
+               {"preset": "small", "tokens": 8, "level": 4, "technique": "grouped", "ms": 1.0, "tflops": 4e-3,
+                "peak_gb": 0.5, "rel_error": 1e-7, "check": "PASS", "note": "", "vs level 0": 4.0, "vs previous": 4.0}]
+    path = bench.record("moe_journey", journey, "cpu", out_dir=tmp_path,
+                        extra={"preset": cfg.as_dict(), "dtype": "torch.float32", "tokens": [8],
+                               "skipped": {"5 CUDA graphs at T=8": "CUDA graphs need a CUDA GPU"}})
+    out = run("moe_journey.py", "--table", str(path)).stdout
+    assert "| 0 | naive | 4.000 | 1.00 | - | 0.001 | - | timed on 4 tokens, scaled to 8 |" in out
+    assert "| 4 | grouped | 1.000 | 4.00 | 4.00 | 0.004 | 0.50 |  |" in out
+    assert "Skipped level 5 CUDA graphs: CUDA graphs need a CUDA GPU." in out

@@ -45,6 +45,8 @@ step rounding-gemm python3 examples/04_token_rounding/routing_comparison.py --re
 step triton-tests python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_triton.py tests/test_gpu_backends.py
 step triton-tune python3 benchmarks/tune_triton.py
 step bench-variants python3 benchmarks/bench_moe_variants.py --preset all --record --plot "$out/moe_variants.png"
+step journey python3 benchmarks/moe_journey.py --preset olmoe-1b-7b --record --plot "$out/moe_journey.png"
+step throughput python3 benchmarks/throughput.py --record
 
 tar czf "$out/logs.tgz" -C "$logs" .
 find benchmarks/results tilemoe/triton/tuned -newer "$logs/gpu.txt" -name '*.json' -exec cp {} "$out/results/" \; 2>/dev/null
