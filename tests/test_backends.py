@@ -101,3 +101,20 @@ def test_auto_trains_with_a_backend_whose_backward_is_its_own(monkeypatch):
     assert backends.resolve("auto", CPU, torch.float32, 16, 8).NAME == "triton"
     assert backends.resolve("auto", CPU, torch.float32, 16, 8, needs_grad=True).NAME == "torch"
     assert backends.resolve("triton", CPU, torch.float32, 16, 8, needs_grad=True).NAME == "triton"  # asked for: given
+
+
+def test_grouped_mm_falls_back_to_the_private_op_of_older_torch(monkeypatch):
+    import importlib
+
+    import torch.nn.functional as F
+
+    from tilemoe.backends import grouped_mm
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip(f"torch {torch.__version__} has no torch._grouped_mm to fall back to")
+    monkeypatch.delattr(F, "grouped_mm", raising=False)  # what torch < 2.9 looks like
+    try:
+        assert importlib.reload(grouped_mm).grouped_mm_op is torch._grouped_mm
+    finally:
+        monkeypatch.undo()
+        importlib.reload(grouped_mm)

@@ -1,6 +1,6 @@
 """Backend "grouped_mm": PyTorch's grouped GEMM, one launch for all experts per projection.
 
-torch.nn.functional.grouped_mm (torch.grouped_mm_op before it was public) multiplies each expert's
+torch.nn.functional.grouped_mm (torch._grouped_mm before it was public) multiplies each expert's
 row segment of a row-sorted matrix by that expert's weight in one call; on sm90/sm100 it is a
 CUTLASS kernel. The segment ends come from routing.offsets on the device: no host sync.
 """
@@ -15,7 +15,7 @@ from .common import combine, swiglu
 
 NAME = "grouped_mm"
 
-grouped_mm_op = getattr(F, "grouped_mm", None) or getattr(torch, "grouped_mm_op", None)
+grouped_mm_op = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int) -> str | None:
