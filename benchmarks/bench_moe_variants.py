@@ -112,18 +112,6 @@ def rounded_routing(case: Case) -> tilemoe.Routing:
                                  routed_scaling=case.cfg.routed_scaling).routing
 
 
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Bytes one call allocates beyond what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
-
-
 def dense_floor(case: Case) -> Callable[[], object]:
     """Two plain GEMMs with the layer's FLOPs: [T*K, H] x [H, 2I], then [T*K, I] x [I, H] (one
     expert's weights: the floor has no routing)."""
@@ -184,7 +172,7 @@ def measure(case: Case, name: str, device: torch.device, tolerance: float, quick
     with torch.no_grad():
         ms = bench.time_ms(fn, device=device)
         # A graph allocated its memory once, at capture, in a pool of its own: a replay allocates nothing.
-        peak = peak_bytes(fn, device) if name not in GRAPHED_VARIANTS else None
+        peak = bench.peak_bytes(fn, device) if name not in GRAPHED_VARIANTS else None
     row.update(ms=ms, tflops=bench.tflops(case.cfg.flops(case.tokens), ms), rel_error=err,
                check=None if err is None else ("PASS" if err <= tolerance else "FAIL"),
                peak_gb=None if peak is None else peak / 1e9)
@@ -239,7 +227,7 @@ def table_markdown(files: list) -> str:
     for path in map(Path, files):
         run = json.loads(path.read_text())
         rows = run["rows"]
-        link = Path(os.path.relpath(path.resolve(), Path(__file__).resolve().parent)).as_posix()
+        link = bench.link_from(Path(__file__).parent, path)
         parts.append(f"{run['gpu'] or run['device']}, torch {run['torch']}, triton {run['triton']}, "
                      f"{run['dtype'].removeprefix('torch.')}, commit {run['commit'][:7]}, `{run['command']}`, "
                      f"{run['date'][:10]}; copy bandwidth {run['copy_gbps']:.0f} GB/s; [{path.name}]({link}). "

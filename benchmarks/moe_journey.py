@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,25 +160,6 @@ def level4(layer: Layer, x: torch.Tensor, activation=swiglu) -> torch.Tensor:
     return combine(out, routing)
 
 
-def graphed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """fn(x) captured in a CUDA graph (after a warm-up on a side stream); returns replay()."""
-    static_x = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = fn(static_x)
-
-    def replay():
-        graph.replay()
-        return static_y
-    return replay
-
-
 # %%
 # Measuring every level
 # ---------------------
@@ -212,7 +192,12 @@ def build(level: int, layer: Layer, x: torch.Tensor, max_gb: float) -> tuple[Cal
     if level == 5:
         if DEVICE.type != "cuda":
             return None, "CUDA graphs need a CUDA GPU"
-        return graphed(lambda inp: level4(layer, inp, activation), x), note
+        graph, _, static_y = tilemoe.graphs.capture(lambda inp: level4(layer, inp, activation), x)
+
+        def replay():
+            graph.replay()
+            return static_y
+        return replay, note
     if level == 6:
         if DTYPE != torch.bfloat16:  # seen with torch 2.13 on a CPU: "Expected inputs of BF16 type"
             return None, "torch.compile traces grouped_mm for bfloat16 only (its fake-tensor check), so this level runs on a GPU"
@@ -227,17 +212,6 @@ def build(level: int, layer: Layer, x: torch.Tensor, max_gb: float) -> tuple[Cal
         return None, "CUDA graphs need a CUDA GPU"
     moe = tilemoe.graphs.GraphedMoE(layer.w, cfg.top_k, backend="triton", **cfg.router_options())
     return (lambda: moe(x)), ""
-
-
-def peak_gb(fn: Callable[[], object]) -> float | None:
-    if DEVICE.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 1e9
 
 
 def measure(layer: Layer, tokens: int, levels: list[int], naive_tokens: int, max_gb: float, seed: int) -> tuple[list, dict]:
@@ -264,11 +238,11 @@ def measure(layer: Layer, tokens: int, levels: list[int], naive_tokens: int, max
                 continue
             err = tilemoe.rel_error(out, ref[:subset])
             ms = bench.time_ms(fn, device=DEVICE) * tokens / subset
-            peak = peak_gb(fn) if level not in (5, 8) else None  # a graph's memory was taken at capture
+            peak = bench.peak_bytes(fn, DEVICE) if level not in (5, 8) else None  # a graph's memory was taken at capture
         if subset < tokens:
             note = f"timed on {subset} tokens, scaled to {tokens}"
         rows.append({"preset": cfg.name, "tokens": tokens, "level": level, "technique": LEVELS[level], "ms": ms,
-                     "tflops": bench.tflops(cfg.flops(tokens), ms), "peak_gb": peak, "rel_error": err,
+                     "tflops": bench.tflops(cfg.flops(tokens), ms), "peak_gb": None if peak is None else peak / 1e9, "rel_error": err,
                      "check": "PASS" if err <= tilemoe.TOLERANCE[DTYPE] else "FAIL", "note": note})
         print(f"  T={tokens} level {level} {LEVELS[level]}: {ms:.3f} ms {rows[-1]['check']}", flush=True)
     for i, row in enumerate(rows):
@@ -300,7 +274,7 @@ def table_markdown(files: list) -> str:
     parts = []
     for path in map(Path, files):
         run = json.loads(path.read_text())
-        link = Path(os.path.relpath(path.resolve(), Path(__file__).resolve().parent)).as_posix()
+        link = bench.link_from(Path(__file__).parent, path)
         preset = run["preset"]
         parts.append(f"{run['gpu'] or run['device']}, torch {run['torch']}, triton {run['triton']}, "
                      f"{run['dtype'].removeprefix('torch.')}, commit {run['commit'][:7]}, `{run['command']}`, "

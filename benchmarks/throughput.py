@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -105,7 +104,7 @@ def table_markdown(files: list) -> str:
     parts = []
     for path in map(Path, files):
         run = json.loads(path.read_text())
-        link = Path(os.path.relpath(path.resolve(), Path(__file__).resolve().parent)).as_posix()
+        link = bench.link_from(Path(__file__).parent, path)
         how = (f"measured on {run['gpu']}" if run["measured"]
                else f"modelled from {run['hardware']['name']} ({run['hardware']['source']})")
         cols = [c.format(n=run["num_gpus"]) for c in COLUMNS]

@@ -56,6 +56,19 @@ def time_ms(fn: Callable[[], object], *, device: torch.device | str | None = Non
     return statistics.median(times)
 
 
+def peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int | None:
+    """Bytes one call of fn allocates beyond what was allocated before it (CUDA only, else None)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
 def tflops(flops: float, ms: float) -> float:
     """Achieved TFLOP/s of ``flops`` floating-point operations done in ``ms`` milliseconds."""
     return flops / (ms * 1e-3) / 1e12
@@ -169,6 +182,11 @@ def repo_path(path: Path | str) -> str:
         return path.relative_to(REPO_ROOT).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+def link_from(folder: Path | str, path: Path | str) -> str:
+    """A markdown link target to ``path`` from a README in ``folder``."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(folder).resolve())).as_posix()
 
 
 def generated_block(script: str, files: list, body: str) -> str:

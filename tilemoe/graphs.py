@@ -18,12 +18,31 @@ flow through a replay.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import checks
 from .moe import moe_forward
 
 CAPTURABLE = ("triton", "grouped_mm")
+
+
+def capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, warmup: int = 2):
+    """fn(x) recorded in a CUDA graph: (graph, static_x, static_y). Copy new inputs into static_x,
+    call graph.replay(), read static_y. fn runs ``warmup`` times first, on a side stream, so that
+    compilation, autotuning and first allocations stay out of the graph."""
+    static_x = x.clone()
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(warmup):
+            fn(static_x)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_y = fn(static_x)
+    return graph, static_x, static_y
 
 
 class GraphedMoE:
@@ -43,26 +62,13 @@ class GraphedMoE:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return moe_forward(x, **self.weights, top_k=self.top_k, backend=self.backend, **self.router_options)
 
-    def _capture(self, x: torch.Tensor):
-        static_x = x.clone()
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side), torch.no_grad():  # compile, autotune, allocate: outside the graph
-            for _ in range(self.warmup):
-                self._forward(static_x)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            static_y = self._forward(static_x)
-        return graph, static_x, static_y
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         checks.check_tensor("x", x)
         if not x.is_cuda:
             checks.fail("x", "a CUDA tensor", x.device)
         key = (tuple(x.shape), x.dtype, x.device)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(x)
+            self._graphs[key] = capture(self._forward, x, warmup=self.warmup)
         graph, static_x, static_y = self._graphs[key]
         static_x.copy_(x)
         graph.replay()

@@ -247,17 +247,20 @@ def check_router_options(
         checks.check_positive_float("capacity_factor", capacity_factor)
 
 
-def _fused_router_runs(logits: torch.Tensor, num_groups: int | None) -> bool:
-    """The Triton router runs these logits: no gradient wanted, and Triton compiled for their device."""
-    if logits.requires_grad and torch.is_grad_enabled():
-        return False
+def _triton_router(*inputs: torch.Tensor):
+    """tilemoe.triton.router where it may take these inputs (no gradient wanted through them, Triton
+    compiled for their device), else None. The caller still asks it whether it ``supports`` them."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return None
+    if any(t.device != inputs[0].device for t in inputs):
+        return None
     from .backends import triton_fused
 
-    if triton_fused.unavailable_reason(logits.device, torch.float32, 1, 1) is not None:
-        return False
+    if triton_fused.unavailable_reason(inputs[0].device, torch.float32, 1, 1) is not None:
+        return None
     from .triton import router
 
-    return router.supports(logits, num_groups)
+    return router
 
 
 def route(
@@ -293,9 +296,8 @@ def route(
     )
     options = dict(scoring=scoring, renormalize=renormalize, score_bias=score_bias, num_groups=num_groups,
                    topk_groups=topk_groups, routed_scaling=routed_scaling)
-    if fused and _fused_router_runs(logits, num_groups):
-        from .triton import router
-
+    router = _triton_router(logits) if fused else None
+    if router is not None and router.supports(logits, num_groups):
         ids, weights, scores = router.select_experts(logits, top_k, **options)
     else:
         ids, weights, scores = select_experts(logits, top_k, **options)
@@ -332,36 +334,22 @@ def route_tokens(
     """``route(router_logits(x, router_weight), top_k, ...)``: the whole router of one MoE layer.
 
     fused: where the Triton router takes x itself (a GPU or the interpreter, fp32 router weights,
-    no gradient wanted), one kernel computes the logits (3xTF32 products: about fp32's accuracy,
-    not its exact rounding, so a near-tie may break differently) and selects the experts: the [T, E]
-    logits never reach memory and x is never copied to fp32. Otherwise ``route(..., fused=fused)``.
+    no gradient wanted, and enough tokens for a full wave of its programs: router.MIN_WAVES), one
+    kernel computes the logits (3xTF32 products: about fp32's accuracy, not its exact rounding, so
+    a near-tie may break differently) and selects the experts: the [T, E] logits never reach
+    memory and x is never copied to fp32. Otherwise ``route(..., fused=fused)``.
     """
     options = dict(scoring=scoring, renormalize=renormalize, score_bias=score_bias, num_groups=num_groups,
                    topk_groups=topk_groups, routed_scaling=routed_scaling)
-    if fused and _fused_tokens_router_runs(x, router_weight, num_groups):
+    router = _triton_router(x, router_weight) if fused else None
+    if router is not None and x.dim() == 2 and router.supports_tokens(x, router_weight, num_groups):
         num_experts = router_weight.shape[0]
         check_router_options(num_experts, top_k, scoring=scoring, score_bias=score_bias, num_groups=num_groups,
                              topk_groups=topk_groups, routed_scaling=routed_scaling,
                              capacity_factor=capacity_factor, device=x.device)
-        from .triton import router
-
         ids, weights, scores = router.select_experts(None, top_k, x=x, router_weight=router_weight, **options)
         return _with_capacity(ids, weights, scores, num_experts, capacity_factor)
     return route(router_logits(x, router_weight), top_k, capacity_factor=capacity_factor, fused=fused, **options)
-
-
-def _fused_tokens_router_runs(x: torch.Tensor, router_weight: torch.Tensor, num_groups: int | None) -> bool:
-    if torch.is_grad_enabled() and (x.requires_grad or router_weight.requires_grad):
-        return False
-    if x.dim() != 2 or x.device != router_weight.device:
-        return False
-    from .backends import triton_fused
-
-    if triton_fused.unavailable_reason(x.device, torch.float32, 1, 1) is not None:
-        return False
-    from .triton import router
-
-    return router.supports_tokens(x, router_weight, num_groups)
 
 
 def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

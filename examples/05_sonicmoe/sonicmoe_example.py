@@ -517,7 +517,7 @@ def run_markdown(path: pathlib.Path) -> str:
     software += [f"Python {run['python']}"]
     software += [f"{k} {v}" for k, v in (run.get("sonicmoe") or {}).items()]
     shown = bench.repo_path(path)
-    link = pathlib.Path(os.path.relpath(path.resolve(), LESSON_DIR)).as_posix()
+    link = bench.link_from(LESSON_DIR, path)
     commit = str(run.get("commit", "unknown"))
     commit = commit[:10] + commit[40:] if len(commit) >= 40 else commit  # keep a "+dirty"
     storage = str(run.get("reference_storage", "")).removeprefix("torch.")

@@ -2,7 +2,7 @@
 
 The gather of x's rows is fused into the up-projection's loads, SwiGLU into its epilogue, the
 routing weights into the down-projection's epilogue, and the combine is one sum over each token's
-K rows. Three kernel launches after routing; no host synchronization.
+K rows. Four kernel launches after routing (schedule, two GEMMs, combine); no host synchronization.
 
 Gradients: the backward pass is not written in Triton yet (issue #9). It recomputes the forward
 through the PyTorch path ("grouped_mm" where it runs these inputs, else the "torch" loop) and
