@@ -162,11 +162,12 @@ def expert_counts_and_offsets(topk_ids: torch.Tensor, num_experts: int) -> tuple
     """counts [E] int32 and offsets [E+1] int32 of the kept slots (ids of -1 are not counted).
 
     On a CUDA device with the compiled extension this is one small kernel (csrc/expert_counts.cu);
-    elsewhere, torch ops. Neither synchronizes with the host.
+    elsewhere, torch ops. Neither synchronizes with the host. Under torch.compile the torch ops run
+    too: the extension takes a raw stream pointer, which a traced stream does not have.
     """
     from . import cuda
 
-    if topk_ids.is_cuda and cuda.available():
+    if topk_ids.is_cuda and cuda.available() and not torch.compiler.is_compiling():
         return cuda.expert_counts(topk_ids.to(torch.int32).contiguous(), num_experts, validate=False)
     counts = slot_counts(topk_ids, num_experts)
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=counts.device)
