@@ -5,14 +5,17 @@
 // it keeps working across torch versions. Input checks (dtype, device, shape, id range) live in
 // the Python wrapper tilemoe/cuda.py, which is the only intended caller.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <cuda_runtime.h>
 
 #include "tilemoe/expert_counts.cuh"
+#include "tilemoe/grouped_gemm.cuh"
 
 #ifndef TILEMOE_CUDA_ARCHS
 #define TILEMOE_CUDA_ARCHS "unknown"  // set by CMakeLists.txt from CMAKE_CUDA_ARCHITECTURES
@@ -61,6 +64,43 @@ PYBIND11_MODULE(_C, m) {
       "Enqueue counts[e] = #(topk_ids == e) and offsets = exclusive cumsum (E + 1 entries) on "
       "`stream`. Raw int32 device pointers; no checks beyond sizes. Raises RuntimeError on a "
       "CUDA error.");
+
+  m.def(
+      "grouped_gemm_naive",
+      [](std::uintptr_t a_ptr, std::uintptr_t w_ptr, const std::vector<int32_t>& host_offsets,
+         std::uintptr_t c_ptr, int32_t n, int32_t k, std::uintptr_t stream, int device) {
+        check(cudaSetDevice(device), "grouped_gemm_naive: cudaSetDevice");
+        const int32_t num_experts = static_cast<int32_t>(host_offsets.size()) - 1;
+        check(tilemoe::launch_grouped_gemm_naive(
+                  as_ptr<const __nv_bfloat16>(a_ptr), as_ptr<const __nv_bfloat16>(w_ptr),
+                  host_offsets.data(), as_ptr<__nv_bfloat16>(c_ptr), num_experts, n, k,
+                  reinterpret_cast<cudaStream_t>(stream)),
+              "grouped_gemm_naive");
+      },
+      py::arg("a_ptr"), py::arg("w_ptr"), py::arg("host_offsets"), py::arg("c_ptr"), py::arg("n"),
+      py::arg("k"), py::arg("stream"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
+      "Enqueue one launch per non-empty expert: c[s:t] = a[s:t] @ w[e]^T (bf16, raw pointers), "
+      "with s, t = host_offsets[e], host_offsets[e + 1] (a list of E + 1 ints).");
+
+  m.def(
+      "grouped_gemm_tiled",
+      [](std::uintptr_t a_ptr, std::uintptr_t w_ptr, std::uintptr_t offsets_ptr, std::uintptr_t c_ptr,
+         int64_t m_total, int32_t num_experts, int32_t n, int32_t k, std::uintptr_t stream, int device) {
+        check(cudaSetDevice(device), "grouped_gemm_tiled: cudaSetDevice");
+        check(tilemoe::launch_grouped_gemm_tiled(
+                  as_ptr<const __nv_bfloat16>(a_ptr), as_ptr<const __nv_bfloat16>(w_ptr),
+                  as_ptr<const int32_t>(offsets_ptr), as_ptr<__nv_bfloat16>(c_ptr), m_total,
+                  num_experts, n, k, reinterpret_cast<cudaStream_t>(stream)),
+              "grouped_gemm_tiled");
+      },
+      py::arg("a_ptr"), py::arg("w_ptr"), py::arg("offsets_ptr"), py::arg("c_ptr"), py::arg("m_total"),
+      py::arg("num_experts"), py::arg("n"), py::arg("k"), py::arg("stream"), py::arg("device"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Enqueue the persistent tensor-core grouped GEMM: c[s:t] = a[s:t] @ w[e]^T for every expert, "
+      "offsets (E + 1 int32) read on the device; no host sync.");
+
+  m.def("grouped_gemm_max_experts", [] { return tilemoe::kGroupedGemmMaxExperts; },
+        "Most experts the tiled grouped GEMM takes (its tile prefix sum lives in shared memory).");
 
   m.def(
       "cuda_archs", [] { return std::string(TILEMOE_CUDA_ARCHS); },

@@ -41,9 +41,11 @@ def test_module_built_for_default_archs():
 
 @pytest.mark.nvcc
 @needs_nvcc
-@pytest.mark.parametrize("source", sorted(CSRC.glob("*.cu")), ids=lambda p: p.name)
+@pytest.mark.parametrize("source", sorted([*CSRC.glob("*.cu"), *ROOT.glob("examples/*/*.cu")]),
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_nvcc_compiles(source: Path, tmp_path: Path):
-    """Every kernel compiles for A100, H100/H200 and B200: the CPU-only guard on the CUDA code."""
+    """Every kernel and example program compiles for A100, H100/H200 and B200: the CPU-only guard on
+    the CUDA code."""
     cmd = [NVCC, "-std=c++17", f"-I{CSRC / 'include'}", *GENCODES, "-c", str(source), "-o", str(tmp_path / "out.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"

@@ -24,7 +24,7 @@ def test_grouped_mm_runs_bf16_on_this_gpu():
 
 
 @pytest.mark.parametrize("case", list(RAGGED))
-@pytest.mark.parametrize("backend", ["torch", "grouped_mm", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "grouped_mm", "triton", "cuda"])
 def test_backend_matches_reference_bf16_ragged(backend, case):
     num_tokens, top_k, num_experts, ids = RAGGED[case]
     w = make_weights(64, 32, num_experts, dtype=torch.bfloat16, device="cuda", seed=5)

@@ -24,7 +24,7 @@ try:
 except ImportError:  # built without nvcc: the pure-Python install
     _C = None
 
-__all__ = ["available", "unavailable_reason", "expert_counts"]
+__all__ = ["available", "unavailable_reason", "expert_counts", "grouped_gemm", "GROUPED_GEMM_VARIANTS"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -108,6 +108,106 @@ def expert_counts(
         device.index,
     )
     return counts, offsets
+
+
+# "naive": one launch per expert of a shared-memory tiled kernel with fp32 FMAs (the sequential
+# baseline; it reads the offsets on the host). "tiled": one persistent launch over every
+# expert's tiles, tensor cores (mma.sync), a cp.async pipeline; no host sync.
+GROUPED_GEMM_VARIANTS = ("naive", "tiled")
+# The tiled kernel keeps every expert's tile prefix sum in shared memory.
+MAX_EXPERTS = 1024
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    variant: str = "tiled",
+    out: torch.Tensor | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """``C[s:t] = A[s:t] @ W[e]^T`` for every expert e, with ``s, t = offsets[e], offsets[e + 1]``.
+
+    Args:
+        a: [M, K] bfloat16 CUDA tensor, contiguous: the rows of every expert, sorted by expert.
+        w: [E, N, K] bfloat16 on a's device, contiguous: the experts' weights in nn.Linear layout
+            (DESIGN.md's [E, N, K]). N and K must be multiples of 8 (16-byte rows).
+        offsets: [E + 1] int32 on a's device, contiguous: ``offsets[0] = 0``, non-decreasing,
+            ``offsets[E] = M`` (a Routing's ``offsets``). An expert may have no rows.
+        variant: one of GROUPED_GEMM_VARIANTS. "naive" copies the offsets to the host (one sync)
+            to size its per-expert launches; "tiled" reads them on the device.
+        out: [M, N] bfloat16 to write into (contiguous, a's device), or None for a new tensor.
+        validate: check the offsets' values first (one host sync). With validate=False "tiled"
+            trusts them (a hot path, CUDA-graph capture): ``offsets[E]`` may then be below M, and
+            rows from offsets[E] on are left unwritten, as torch grouped_mm does. "naive" reads
+            and checks them on the host either way.
+
+    Returns:
+        C, [M, N] bfloat16 (``out`` when given): fp32 accumulation, rounded once to bf16.
+        The kernels run on the current stream of a's device.
+    """
+    checks.check_choice("variant", variant, GROUPED_GEMM_VARIANTS)
+    for name, t, dims in (("a", a, 2), ("w", w, 3), ("offsets", offsets, 1)):
+        checks.check_tensor(name, t)
+        if t.dim() != dims:
+            checks.fail(name, f"a {dims}-D tensor", f"shape {list(t.shape)}")
+    for name, t in (("a", a), ("w", w)):
+        if t.dtype != torch.bfloat16:
+            checks.fail(name, "dtype torch.bfloat16", t.dtype, TypeError)
+    if offsets.dtype != torch.int32:
+        checks.fail("offsets", "dtype torch.int32", offsets.dtype, TypeError)
+    rows, k = a.shape
+    num_experts, n, w_k = w.shape
+    if w_k != k:
+        checks.fail("w", f"shape [E, N, K] with K = {k} (a's columns)", list(w.shape))
+    if offsets.shape[0] != num_experts + 1:
+        checks.fail("offsets", f"shape [E + 1] = [{num_experts + 1}] (w has E = {num_experts})", list(offsets.shape))
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        checks.fail("w", f"1 to {MAX_EXPERTS} experts (shape [E, N, K])", f"E = {num_experts}")
+    for name, value in (("N", n), ("K", k)):
+        if value == 0 or value % 8:
+            checks.fail("w", f"{name} a positive multiple of 8 (16-byte rows)", f"{name} = {value} (shape {list(w.shape)})")
+    if rows > _INT32_MAX or n > _INT32_MAX // 8:
+        checks.fail("a", f"at most {_INT32_MAX} rows", rows)
+    for name, t in (("a", a), ("w", w), ("offsets", offsets)):
+        checks.check_contiguous(name, t)
+        if t.device.type != "cuda":
+            checks.fail(name, "a CUDA tensor", f"device {t.device}")
+        if name != "a":
+            checks.check_same_device(name, t, a.device)
+    if out is None:
+        out = torch.empty(rows, n, dtype=torch.bfloat16, device=a.device)
+    else:
+        checks.check_tensor("out", out)
+        if out.dtype != torch.bfloat16:
+            checks.fail("out", "dtype torch.bfloat16", out.dtype, TypeError)
+        checks.check_shape("out", out, (rows, n), f"[M, N] = [{rows}, {n}]")
+        checks.check_contiguous("out", out)
+        checks.check_same_device("out", out, a.device)
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"tilemoe.cuda.grouped_gemm is unavailable: {reason}")
+    host_offsets = offsets.tolist() if (validate or variant == "naive") else None  # the one sync
+    if host_offsets is not None:  # read anyway: checking costs nothing more
+        _check_offsets(host_offsets, rows)
+    stream = torch.cuda.current_stream(a.device).cuda_stream
+    if variant == "naive":
+        _C.grouped_gemm_naive(a.data_ptr(), w.data_ptr(), host_offsets, out.data_ptr(), n, k, stream, a.device.index)
+    else:
+        _C.grouped_gemm_tiled(a.data_ptr(), w.data_ptr(), offsets.data_ptr(), out.data_ptr(), rows, num_experts,
+                              n, k, stream, a.device.index)
+    return out
+
+
+def _check_offsets(values: list[int], rows: int) -> None:
+    if values[0] != 0:
+        checks.fail("offsets", "offsets[0] = 0", f"offsets[0] = {values[0]}")
+    for e, (lo, hi) in enumerate(zip(values, values[1:])):
+        if hi < lo:
+            checks.fail("offsets", "non-decreasing values", f"offsets[{e}] = {lo} > offsets[{e + 1}] = {hi}")
+    if values[-1] != rows:
+        checks.fail("offsets", f"offsets[E] = M = {rows} (a's rows)", f"offsets[{len(values) - 1}] = {values[-1]}")
 
 
 def _version(v: int) -> str:

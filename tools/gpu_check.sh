@@ -42,6 +42,11 @@ step moe-layer-dsv3 python3 examples/01_moe_basics/moe_layer.py --preset deepsee
 step expert-routing python3 examples/01_moe_basics/expert_routing.py --tokens 65536 --experts 64 --top-k 8
 step graders bash -c 'for t in exercises/*/test.py; do python3 "$t" --solution || exit 1; done'
 step rounding-gemm python3 examples/04_token_rounding/routing_comparison.py --record
+step cuda-gemm-tests python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_cuda_grouped_gemm.py tests/test_gpu_backends.py
+step examples-02-build bash -c 'cmake -S examples/02_grouped_gemm -B build/02 -G Ninja && cmake --build build/02 -j'
+step examples-02 bash -c 'for p in naive tiled; do for s in 0 1.5; do build/02/grouped_gemm_$p --skew $s || exit 1; done; build/02/grouped_gemm_$p --experts 8 --tokens 32768 --n 28672 --k 4096 || exit 1; done'
+step examples-02-memcheck bash -c 'for p in naive tiled; do compute-sanitizer --tool memcheck --error-exitcode 1 build/02/grouped_gemm_$p --experts 9 --tokens 999 --n 136 --k 200 --skew 1.5 --reps 1 || exit 1; done'
+step examples-02-racecheck bash -c 'for p in naive tiled; do compute-sanitizer --tool racecheck --error-exitcode 1 build/02/grouped_gemm_$p --experts 9 --tokens 999 --n 136 --k 200 --skew 1.5 --reps 1 || exit 1; done'
 step triton-tests python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_triton.py tests/test_gpu_backends.py
 step triton-tune python3 benchmarks/tune_triton.py
 step bench-variants python3 benchmarks/bench_moe_variants.py --preset all --record --plot "$out/moe_variants.png"

@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from . import grouped_mm, sonic, torch_loop, triton_fused
+from . import cuda_grouped, grouped_mm, sonic, torch_loop, triton_fused
 
-BACKENDS = {m.NAME: m for m in (torch_loop, grouped_mm, triton_fused, sonic)}
+BACKENDS = {m.NAME: m for m in (torch_loop, grouped_mm, triton_fused, cuda_grouped, sonic)}
 
 # Fastest first: what backend="auto" tries, per device type.
-AUTO_ORDER = {"cuda": ("triton", "grouped_mm", "sonicmoe", "torch"), "cpu": ("torch", "grouped_mm", "triton")}
+AUTO_ORDER = {"cuda": ("triton", "grouped_mm", "cuda", "sonicmoe", "torch"), "cpu": ("torch", "grouped_mm", "triton")}
 
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, hidden: int, ffn: int) -> str | None:

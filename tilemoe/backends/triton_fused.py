@@ -16,13 +16,11 @@ variable is set). Triton is imported on first use, so that setting the variable 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from .. import checks
 from ..routing import Routing
-from . import grouped_mm, torch_loop
+from .common import recompute_backward
 
 NAME = "triton"
 # moe_forward routes for this backend with the one-launch Triton router (tilemoe/triton/router.py).
@@ -65,33 +63,12 @@ def check_inputs(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_d
                     f"T = {routing.num_tokens}, E = {routing.num_experts}")
 
 
-class _Experts(torch.autograd.Function):
-    """Forward: the Triton kernels. Backward: recompute through the PyTorch path, differentiate it."""
-
-    @staticmethod
-    def forward(ctx, x, topk_weights, w_gate_up, w_down, routing):
-        y, _ = _ops().moe_experts(x, routing, w_gate_up, w_down)
-        ctx.save_for_backward(x, topk_weights, w_gate_up, w_down)
-        ctx.routing = routing
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        inputs = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:4]
-        x = inputs[0]
-        fallback = grouped_mm if grouped_mm.unavailable_reason(x.device, x.dtype, x.shape[1], inputs[3].shape[2]) is None else torch_loop
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
-            routing = dataclasses.replace(ctx.routing, topk_weights=leaves[1])
-            y = fallback.experts(leaves[0], routing, leaves[2], leaves[3])
-            wanted = [leaf for leaf in leaves if leaf.requires_grad]
-            grads = iter(torch.autograd.grad(y, wanted, dy))
-        return (*(next(grads) if need else None for need in needs), None)
+def _forward(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    return _ops().moe_experts(x, routing, w_gate_up, w_down)[0]
 
 
 def experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     check_inputs(x, routing, w_gate_up, w_down)
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
-    return _Experts.apply(x, routing.topk_weights, w_gate_up, w_down, routing)
+    return recompute_backward(_forward, x, routing, w_gate_up, w_down)

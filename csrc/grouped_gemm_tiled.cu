@@ -1,0 +1,296 @@
+// One persistent tensor-core kernel for every expert's GEMM.
+//
+// The four ideas, in the order the code uses them:
+//
+// 1. A device-side tile scheduler. Expert e's rows form ceil(rows_e / BM) row tiles; each CTA
+//    reads the E + 1 offsets, builds the prefix sum of those counts in shared memory (one warp,
+//    shuffles), and maps a linear tile number to (expert, row tile, column tile) by binary search.
+//    The host never learns the counts: no sync, one launch, capturable in a CUDA graph, and an
+//    empty expert simply owns no tiles.
+// 2. Persistence. The grid is as large as the GPU holds at once (SMs x CTAs per SM) and each CTA
+//    loops over tiles blockIdx.x, blockIdx.x + gridDim.x, ...: a hot expert's many tiles spread
+//    over every SM while a cold expert's one tile costs one iteration.
+// 3. Tensor cores with a cp.async pipeline. Tiles of A and W stream from global to shared memory
+//    with cp.async (no registers in the way), kStages - 1 k-steps ahead of the math; ldmatrix
+//    feeds mma.sync m16n8k16 (bf16 in, fp32 accumulate). Rows of 64 bf16 (128 bytes) are stored
+//    with their 16-byte chunks XOR-swizzled by row, so neither the cp.async writes nor the
+//    ldmatrix reads of 8 rows hit one shared-memory bank twice.
+// 4. An L2-friendly order. Within an expert, consecutive tiles walk kGroupM row tiles down a
+//    column of tiles before moving right, so CTAs running at the same time share W's and A's
+//    tiles through L2 instead of each fetching its own from HBM.
+//
+// Ragged rows: a tile's loads of rows past its expert's end are zero-filled (cp.async with a
+// source size of 0), so it never computes with the next expert's rows, and its stores are
+// predicated on the row, so it never writes them.
+#include "tilemoe/grouped_gemm.cuh"
+
+#include <algorithm>
+
+namespace tilemoe {
+namespace {
+
+constexpr int kBM = 128, kBN = 128, kBK = 64;  // CTA tile; 64 bf16 = one 128-byte row per k-step
+constexpr int kStages = 3;                     // k-steps in flight: 3 x 32 KB of shared memory
+constexpr int kWarpsM = 2, kWarpsN = 4;        // 8 warps, each owning a 64 x 32 piece of the tile
+constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;
+constexpr int kMmaM = kWM / 16, kMmaN = kWN / 8;  // m16n8k16 instructions per warp per k16
+constexpr int kGroupM = 8;                        // row tiles per L2 group
+constexpr int kChunks = kBK / 8;                  // 16-byte chunks per tile row
+constexpr int kSmemTiles = kStages * (kBM + kBN) * kBK * static_cast<int>(sizeof(__nv_bfloat16));
+constexpr int kSmemBytes = kSmemTiles + (kGroupedGemmMaxExperts + 1) * static_cast<int>(sizeof(int));
+
+static_assert(kBM * kChunks % kThreads == 0 && kBN * kChunks % kThreads == 0, "loads split evenly");
+static_assert(kMmaN % 2 == 0, "B fragments are loaded two n8 tiles at a time");
+
+// Element offset of (row, 16-byte chunk) in a [rows][kBK] tile whose chunks are XOR-swizzled.
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * kBK + ((chunk ^ (row & 7)) << 3);
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; valid == false writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Four 8x8 bf16 matrices from shared memory; lane i gives the address of row i % 8 of matrix i / 8.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// d += a (16x16, row-major) * b (16x8, column-major), bf16 in, fp32 accumulate.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Where a linear tile number lands.
+struct Tile {
+  int expert;
+  int64_t row_start, row_end;  // the tile's first row and its expert's end (exclusive)
+  int col_start;
+};
+
+// tile_start[e] = row tiles of experts 0..e-1 (so tile_start[E] = all row tiles); one warp.
+__device__ void build_tile_prefix(const int32_t* __restrict__ offsets, int num_experts, int* tile_start) {
+  const int lane = threadIdx.x % 32;
+  int carry = 0;
+  for (int base = 0; base < num_experts; base += 32) {
+    const int e = base + lane;
+    int tiles = 0;
+    if (e < num_experts) tiles = (offsets[e + 1] - offsets[e] + kBM - 1) / kBM;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {  // inclusive scan across the warp
+      const int up = __shfl_up_sync(0xffffffffu, tiles, d);
+      if (lane >= d) tiles += up;
+    }
+    if (e < num_experts) tile_start[e + 1] = carry + tiles;
+    carry += __shfl_sync(0xffffffffu, tiles, 31);
+  }
+  if (lane == 0) tile_start[0] = 0;
+}
+
+__device__ __forceinline__ Tile locate(int64_t tile, int col_tiles, const int* tile_start, int num_experts,
+                                       const int32_t* __restrict__ offsets) {
+  // The expert: the first e whose row tiles end after this tile's row tile (empty experts own
+  // no tiles, so they are skipped by the strict comparison).
+  const int row_tile = static_cast<int>(tile / col_tiles);
+  int lo = 0, hi = num_experts - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (tile_start[mid + 1] > row_tile) hi = mid; else lo = mid + 1;
+  }
+  const int e = lo;
+  // Grouped order inside the expert: kGroupM row tiles x every column tile, column-major.
+  const int64_t local = tile - static_cast<int64_t>(tile_start[e]) * col_tiles;
+  const int row_tiles = tile_start[e + 1] - tile_start[e];
+  const int64_t group_width = static_cast<int64_t>(kGroupM) * col_tiles;
+  const int first_row = static_cast<int>(local / group_width) * kGroupM;
+  const int group_rows = min(row_tiles - first_row, kGroupM);
+  const int in_group = static_cast<int>(local % group_width);
+  Tile t;
+  t.expert = e;
+  t.row_start = offsets[e] + static_cast<int64_t>(first_row + in_group % group_rows) * kBM;
+  t.row_end = offsets[e + 1];
+  t.col_start = (in_group / group_rows) * kBN;
+  return t;
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_gemm_tiled_kernel(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ w,
+                              const int32_t* __restrict__ offsets, __nv_bfloat16* __restrict__ c,
+                              int num_experts, int n, int k) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __nv_bfloat16* a_tiles = reinterpret_cast<__nv_bfloat16*>(smem);
+  __nv_bfloat16* w_tiles = a_tiles + kStages * kBM * kBK;
+  int* tile_start = reinterpret_cast<int*>(smem + kSmemTiles);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = warp / kWarpsN, warp_n = warp % kWarpsN;
+  if (warp == 0) build_tile_prefix(offsets, num_experts, tile_start);
+  __syncthreads();
+
+  const int col_tiles = (n + kBN - 1) / kBN;
+  const int64_t num_tiles = static_cast<int64_t>(tile_start[num_experts]) * col_tiles;
+  const int k_steps = (k + kBK - 1) / kBK;
+
+  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const Tile t = locate(tile, col_tiles, tile_start, num_experts, offsets);
+    const __nv_bfloat16* w_e = w + static_cast<int64_t>(t.expert) * n * k;
+
+    // Issue the cp.asyncs of one k-step into one stage: kThreads threads, 16 bytes each per pass.
+    auto load_stage = [&](int stage, int step) {
+      const int k0 = step * kBK;
+      __nv_bfloat16* sa = a_tiles + stage * kBM * kBK;
+      __nv_bfloat16* sw = w_tiles + stage * kBN * kBK;
+#pragma unroll
+      for (int i = 0; i < kBM * kChunks / kThreads; ++i) {
+        const int idx = tid + i * kThreads, row = idx / kChunks, chunk = idx % kChunks;
+        const int64_t g_row = t.row_start + row;
+        const int g_k = k0 + chunk * 8;
+        const bool ok = g_row < t.row_end && g_k < k;  // past the expert's rows or K: zeros
+        cp_async_16(shared_address(sa + swizzle(row, chunk)), ok ? a + g_row * k + g_k : a, ok);
+      }
+#pragma unroll
+      for (int i = 0; i < kBN * kChunks / kThreads; ++i) {
+        const int idx = tid + i * kThreads, row = idx / kChunks, chunk = idx % kChunks;
+        const int g_n = t.col_start + row, g_k = k0 + chunk * 8;
+        const bool ok = g_n < n && g_k < k;
+        cp_async_16(shared_address(sw + swizzle(row, chunk)), ok ? w_e + static_cast<int64_t>(g_n) * k + g_k : w, ok);
+      }
+    };
+
+    float acc[kMmaM][kMmaN][4] = {};
+
+    // Prologue: the first kStages - 1 k-steps in flight (a commit per stage, even an empty one,
+    // keeps the group count that cp_async_wait relies on).
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < k_steps) load_stage(s, s);
+      cp_async_commit();
+    }
+
+    for (int step = 0; step < k_steps; ++step) {
+      cp_async_wait<kStages - 2>();  // this step's stage has landed (for this thread's copies) ...
+      __syncthreads();               // ... and for everyone's; everyone is done with step - 1's stage
+      const int next = step + kStages - 1;
+      if (next < k_steps) load_stage(next % kStages, next);  // refill the stage step - 1 used
+      cp_async_commit();
+
+      const __nv_bfloat16* sa = a_tiles + (step % kStages) * kBM * kBK;
+      const __nv_bfloat16* sw = w_tiles + (step % kStages) * kBN * kBK;
+#pragma unroll
+      for (int kk = 0; kk < kBK / 16; ++kk) {
+        uint32_t af[kMmaM][4], bf[kMmaN][2];
+#pragma unroll
+        for (int mi = 0; mi < kMmaM; ++mi) {
+          // lanes 0-15: rows 0-15 at k 0-7; lanes 16-31: rows 0-15 at k 8-15 -> a0..a3 of the mma
+          const int row = warp_m * kWM + mi * 16 + lane % 16;
+          ldmatrix_x4(af[mi], shared_address(sa + swizzle(row, kk * 2 + lane / 16)));
+        }
+#pragma unroll
+        for (int nj = 0; nj < kMmaN / 2; ++nj) {
+          // W is [n][k] in shared memory: rows are B's columns. Matrices: (n 0-7, k 0-7),
+          // (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b0, b1 of two n8 tiles.
+          const int row = warp_n * kWN + nj * 16 + lane % 8 + (lane / 16) * 8;
+          uint32_t r[4];
+          ldmatrix_x4(r, shared_address(sw + swizzle(row, kk * 2 + (lane / 8) % 2)));
+          bf[2 * nj][0] = r[0];
+          bf[2 * nj][1] = r[1];
+          bf[2 * nj + 1][0] = r[2];
+          bf[2 * nj + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < kMmaM; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < kMmaN; ++ni) mma_bf16(acc[mi][ni], af[mi], bf[ni]);
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done reading shared memory before the next tile's prologue
+
+    // Epilogue: each thread holds (row, col..col+1) and (row + 8, col..col+1) of every mma tile.
+    // N is a multiple of 8 and col is even, so a pair is either wholly inside N or wholly out.
+#pragma unroll
+    for (int mi = 0; mi < kMmaM; ++mi) {
+#pragma unroll
+      for (int ni = 0; ni < kMmaN; ++ni) {
+        const int64_t row = t.row_start + warp_m * kWM + mi * 16 + lane / 4;
+        const int col = t.col_start + warp_n * kWN + ni * 8 + (lane % 4) * 2;
+        if (col >= n) continue;
+        if (row < t.row_end) {
+          *reinterpret_cast<__nv_bfloat162*>(c + row * n + col) =
+              __floats2bfloat162_rn(acc[mi][ni][0], acc[mi][ni][1]);
+        }
+        if (row + 8 < t.row_end) {
+          *reinterpret_cast<__nv_bfloat162*>(c + (row + 8) * n + col) =
+              __floats2bfloat162_rn(acc[mi][ni][2], acc[mi][ni][3]);
+        }
+      }
+    }
+  }
+}
+
+// CTAs that fit on the device at once, found once per device (the attribute call and the
+// occupancy query cost microseconds; a forward calls this twice per layer).
+cudaError_t persistent_grid(int* ctas) {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxDevices && cached[device] > 0) {
+    *ctas = cached[device];
+    return cudaSuccess;
+  }
+  err = cudaFuncSetAttribute(grouped_gemm_tiled_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return err;
+  int sms = 0, per_sm = 0;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grouped_gemm_tiled_kernel, kThreads, kSmemBytes);
+  if (err != cudaSuccess) return err;
+  *ctas = sms * std::max(per_sm, 1);
+  if (device < kMaxDevices) cached[device] = *ctas;
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t launch_grouped_gemm_tiled(const __nv_bfloat16* a, const __nv_bfloat16* w,
+                                      const int32_t* offsets, __nv_bfloat16* c, int64_t m_total,
+                                      int32_t num_experts, int32_t n, int32_t k, cudaStream_t stream) {
+  if (num_experts < 1 || num_experts > kGroupedGemmMaxExperts || n <= 0 || k <= 0 || n % 8 || k % 8 ||
+      m_total < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (m_total == 0) return cudaSuccess;
+  int ctas = 0;
+  const cudaError_t err = persistent_grid(&ctas);
+  if (err != cudaSuccess) return err;
+  // No CTA more than there can be tiles: every expert wastes at most one partial row tile.
+  const int64_t col_tiles = (n + kBN - 1) / kBN;
+  const int64_t max_tiles = (m_total / kBM + num_experts) * col_tiles;
+  const int grid = static_cast<int>(std::min<int64_t>(ctas, max_tiles));
+  grouped_gemm_tiled_kernel<<<grid, kThreads, kSmemBytes, stream>>>(a, w, offsets, c, num_experts, n, k);
+  return cudaGetLastError();
+}
+
+}  // namespace tilemoe

@@ -1,0 +1,42 @@
+// Grouped GEMM for MoE experts: C_e = A_e @ W_e^T for the row segment of every expert.
+//
+// Host-only declarations (plain C++ includes this: csrc/bindings.cpp and the example programs).
+//
+// The layout every variant shares (DESIGN.md):
+//   a        [M, K] bf16, row-major: the rows of all experts, sorted by expert
+//   w        [E, N, K] bf16, row-major: expert e's weight in nn.Linear layout [out, in]
+//   offsets  [E + 1] int32: expert e owns rows offsets[e] .. offsets[e + 1] - 1 of a and c;
+//            offsets[0] = 0, non-decreasing. An expert may own no rows.
+//   c        [M, N] bf16, row-major, written for rows offsets[0] .. offsets[E] - 1 only
+// Accumulation is fp32; each output is rounded to bf16 once. N and K must be multiples of 8
+// (rows of 16 bytes, the unit of every vector load); the launchers return cudaErrorInvalidValue
+// otherwise. The Python wrapper tilemoe/cuda.py checks every argument with a readable error first.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+namespace tilemoe {
+
+// The tiled kernel keeps every expert's tile prefix sum in shared memory: at most this many experts.
+constexpr int kGroupedGemmMaxExperts = 1024;
+
+// The sequential baseline: one launch per non-empty expert of a 32x32 shared-memory tiled kernel
+// with fp32 FMAs (no tensor cores). host_offsets are the E + 1 offsets in host memory: the caller
+// has read them back from the device, the host synchronization this variant pays for.
+cudaError_t launch_grouped_gemm_naive(const __nv_bfloat16* a, const __nv_bfloat16* w,
+                                      const int32_t* host_offsets, __nv_bfloat16* c,
+                                      int32_t num_experts, int32_t n, int32_t k, cudaStream_t stream);
+
+// One persistent launch for all experts: every CTA builds the prefix sum of the experts' tile
+// counts from the device offsets (no host sync, CUDA-graph capturable) and walks tiles
+// blockIdx.x, blockIdx.x + gridDim.x, ...; tensor cores (mma.sync m16n8k16 bf16), a 3-stage
+// cp.async pipeline, an L2-friendly grouped tile order within each expert. m_total = M (the rows
+// of a and c) bounds the grid; rows from offsets[E] to M are not written.
+cudaError_t launch_grouped_gemm_tiled(const __nv_bfloat16* a, const __nv_bfloat16* w,
+                                      const int32_t* offsets, __nv_bfloat16* c, int64_t m_total,
+                                      int32_t num_experts, int32_t n, int32_t k, cudaStream_t stream);
+
+}  // namespace tilemoe

@@ -1,0 +1,182 @@
+"""tilemoe.cuda.grouped_gemm: the CUDA C++ grouped GEMMs (csrc/grouped_gemm_*.cu).
+
+Argument checks run anywhere (they come before any kernel); the kernels run with `pytest -m gpu`:
+every element against an fp32 reference, outputs poisoned with NaN first, ragged experts (empty,
+one row, one expert with everything, rows not a multiple of the tile), N and K off the tile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tilemoe
+from tilemoe import cuda as tcuda
+
+GPU_MARKS = (pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+             pytest.mark.skipif(tcuda._C is None, reason="tilemoe._C is not built"))
+
+
+def on_gpu(test):
+    """The kernel tests: marked gpu, skipped with the reason where they cannot run."""
+    for mark in GPU_MARKS:
+        test = mark(test)
+    return test
+
+VARIANTS = tcuda.GROUPED_GEMM_VARIANTS
+
+
+def make(counts: list[int], n: int, k: int, device: str = "cuda", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    rows = sum(counts)
+    a = torch.randn(rows, k, generator=g).bfloat16().to(device)
+    w = (torch.randn(len(counts), n, k, generator=g) / k**0.5).bfloat16().to(device)
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return a, w, offsets
+
+
+def reference(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    ends = offsets.tolist()
+    out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.float32, device=a.device)
+    for e in range(w.shape[0]):
+        out[ends[e]:ends[e + 1]] = a[ends[e]:ends[e + 1]].float() @ w[e].float().T
+    return out
+
+
+def assert_every_element_close(c: torch.Tensor, ref: torch.Tensor) -> None:
+    """bf16 output of fp32 sums: each element within bf16 rounding of the fp32 result, plus a
+    little for the summation order; NaN anywhere fails."""
+    assert not c.isnan().any(), f"{int(c.isnan().sum())} NaN outputs (rows not written?)"
+    scale = ref.abs().max().clamp_min(1e-6)
+    torch.testing.assert_close(c.float(), ref, rtol=8e-3, atol=2e-3 * float(scale))
+    assert tilemoe.rel_error(c, ref) <= tilemoe.TOLERANCE[torch.bfloat16]
+
+
+# %% Argument checks -----------------------------------------------------------------------------
+
+def _args(**change):
+    a, w, offsets = make([3, 0, 5], 16, 24, device="cpu")
+    args = dict(a=a, w=w, offsets=offsets)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change, exc, message",
+    [
+        (dict(a=[[1.0]]), TypeError, "a: expected a torch.Tensor, got list"),
+        (dict(a=torch.zeros(8, 24, dtype=torch.float32)), TypeError, "a: expected dtype torch.bfloat16, got torch.float32"),
+        (dict(w=torch.zeros(3, 16, 24, dtype=torch.float16)), TypeError, "w: expected dtype torch.bfloat16, got torch.float16"),
+        (dict(offsets=torch.tensor([0, 3, 3, 8])), TypeError, "offsets: expected dtype torch.int32, got torch.int64"),
+        (dict(a=torch.zeros(8, dtype=torch.bfloat16)), ValueError, "a: expected a 2-D tensor, got shape [8]"),
+        (dict(w=torch.zeros(16, 24, dtype=torch.bfloat16)), ValueError, "w: expected a 3-D tensor, got shape [16, 24]"),
+        (dict(w=torch.zeros(3, 16, 32, dtype=torch.bfloat16)), ValueError, "w: expected shape [E, N, K] with K = 24 (a's columns), got [3, 16, 32]"),
+        (dict(offsets=torch.tensor([0, 3, 8], dtype=torch.int32)), ValueError, "offsets: expected shape [E + 1] = [4] (w has E = 3), got [3]"),
+        (dict(w=torch.zeros(3, 12, 24, dtype=torch.bfloat16)), ValueError, "w: expected N a positive multiple of 8 (16-byte rows), got N = 12"),
+        (dict(a=torch.zeros(8, 20, dtype=torch.bfloat16), w=torch.zeros(3, 16, 20, dtype=torch.bfloat16)), ValueError,
+         "w: expected K a positive multiple of 8 (16-byte rows), got K = 20"),
+        (dict(w=torch.zeros(1025, 16, 24, dtype=torch.bfloat16), offsets=torch.zeros(1026, dtype=torch.int32)), ValueError,
+         "w: expected 1 to 1024 experts (shape [E, N, K]), got E = 1025"),
+        (dict(a=torch.zeros(24, 8, dtype=torch.bfloat16).t()), ValueError, "a: expected a contiguous tensor, got strides (1, 8)"),
+        ({}, ValueError, "a: expected a CUDA tensor, got device cpu"),
+        (dict(variant="fast"), ValueError, "variant: expected one of 'naive', 'tiled', got 'fast'"),
+    ],
+    ids=["a-list", "a-dtype", "w-dtype", "offsets-dtype", "a-1d", "w-2d", "K-mismatch", "offsets-length", "N-not-8",
+         "K-not-8", "too-many-experts", "a-strided", "cpu", "variant"],
+)
+def test_argument_errors(change, exc, message):
+    with pytest.raises(exc) as err:
+        tcuda.grouped_gemm(**_args(**change))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_limit_matches_the_compiled_kernel():
+    if tcuda._C is None:
+        pytest.skip("tilemoe._C is not built")
+    assert tcuda.MAX_EXPERTS == tcuda._C.grouped_gemm_max_experts()
+
+
+# %% Results on the GPU --------------------------------------------------------------------------
+
+RAGGED = {  # name: (rows per expert, N, K)
+    "one-row": ([1], 64, 64),
+    "empty-experts": ([0, 37, 0, 0, 200, 0], 136, 72),            # N and K off the 128/64 tile
+    "one-hot-expert": ([0] * 7 + [1000], 256, 128),
+    "not-tile-multiple": ([129, 127, 1, 255, 0, 300, 64, 2], 200, 520),
+    "narrow": ([5, 131, 9], 8, 8),
+    "many-experts": ([3 * (e % 5) for e in range(256)], 64, 96),   # 256 experts, some empty
+}
+
+
+@on_gpu
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", list(RAGGED))
+def test_every_element_matches_fp32(case, variant):
+    counts, n, k = RAGGED[case]
+    a, w, offsets = make(counts, n, k, seed=len(case))
+    out = torch.full((a.shape[0], n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    c = tcuda.grouped_gemm(a, w, offsets, variant=variant, out=out)
+    assert c.data_ptr() == out.data_ptr()
+    assert_every_element_close(c, reference(a, w, offsets))
+
+
+@on_gpu
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_real_shape(variant):
+    # OLMoE's up-projection at 2000 tokens, top-8 over 64 experts, routed for real
+    cfg = tilemoe.get_preset("olmoe-1b-7b")
+    x = torch.randn(2000, cfg.hidden, device="cuda").bfloat16()
+    routing = tilemoe.route(torch.randn(2000, cfg.experts, device="cuda"), cfg.top_k)
+    a = x[routing.sorted_tokens].contiguous()
+    w = (torch.randn(cfg.experts, 2 * cfg.ffn, cfg.hidden, device="cuda") / cfg.hidden**0.5).bfloat16()
+    c = tcuda.grouped_gemm(a, w, routing.offsets, variant=variant)
+    assert_every_element_close(c, reference(a, w, routing.offsets))
+
+
+@on_gpu
+def test_rows_past_the_last_offset_are_not_written():
+    a, w, offsets = make([10, 0, 20], 64, 64)
+    short = offsets.clone()
+    short[-1] = 25  # the last expert keeps 15 of its 20 rows; rows 25..29 are "dropped slots"
+    out = torch.full((30, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    tcuda.grouped_gemm(a, w, short, out=out, validate=False)
+    assert out[25:].isnan().all() and not out[:25].isnan().any()
+    assert_every_element_close(out[:25], reference(a[:25], w, short))
+
+
+@on_gpu
+def test_tiled_without_validation_never_syncs_and_captures_in_a_graph():
+    a, w, offsets = make([40, 0, 300, 7], 128, 64)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        c = tcuda.grouped_gemm(a, w, offsets, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out = torch.empty_like(c)
+    tcuda.grouped_gemm(a, w, offsets, out=out, validate=False)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tcuda.grouped_gemm(a, w, offsets, out=out, validate=False)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, c)
+
+
+@on_gpu
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ([1, 3, 8], "offsets: expected offsets[0] = 0, got offsets[0] = 1"),
+        ([0, 5, 3], "offsets: expected non-decreasing values, got offsets[1] = 5 > offsets[2] = 3"),
+        ([0, 3, 7], "offsets: expected offsets[E] = M = 8 (a's rows), got offsets[2] = 7"),
+    ],
+    ids=["start", "decreasing", "end"],
+)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bad_offsets_are_named(values, message, variant):
+    a, w, _ = make([3, 5], 16, 16)
+    with pytest.raises(ValueError) as err:
+        tcuda.grouped_gemm(a, w, torch.tensor(values, dtype=torch.int32, device="cuda"), variant=variant)
+    assert str(err.value) == message
