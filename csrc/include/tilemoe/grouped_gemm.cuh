@@ -32,7 +32,7 @@ cudaError_t launch_grouped_gemm_naive(const __nv_bfloat16* a, const __nv_bfloat1
 
 // One persistent launch for all experts: every CTA builds the prefix sum of the experts' tile
 // counts from the device offsets (no host sync, CUDA-graph capturable) and walks tiles
-// blockIdx.x, blockIdx.x + gridDim.x, ...; tensor cores (mma.sync m16n8k16 bf16), a 3-stage
+// blockIdx.x, blockIdx.x + gridDim.x, ...; tensor cores (mma.sync m16n8k16 bf16), a multi-stage
 // cp.async pipeline, an L2-friendly grouped tile order within each expert. m_total = M (the rows
 // of a and c) bounds the grid; rows from offsets[E] to M are not written.
 cudaError_t launch_grouped_gemm_tiled(const __nv_bfloat16* a, const __nv_bfloat16* w,
