@@ -48,7 +48,7 @@ BAD = {
     "routed_scaling zero": (with_(routed_scaling=0.0), ValueError, r"routed_scaling: expected a finite number > 0, got 0.0"),
     "capacity negative": (with_(capacity_factor=-1.0), ValueError, r"capacity_factor: expected a finite number > 0, got -1.0"),
     "capacity nan": (with_(capacity_factor=float("nan")), ValueError, r"capacity_factor: expected a finite number > 0, got nan"),
-    "backend unknown": (with_(backend="cutlass"), ValueError, r"backend: expected one of 'auto', 'torch', 'grouped_mm', 'triton', 'sonicmoe', got 'cutlass'"),
+    "backend unknown": (with_(backend="cutlass"), ValueError, r"backend: expected one of 'auto', 'torch', 'grouped_mm', 'triton', 'cuda', 'sonicmoe', got 'cutlass'"),
     "backend cannot run dtype": (
         dict(x=torch.randn(5, H, dtype=torch.float64), **make_weights(H, I, E, dtype=torch.float64), top_k=2, backend="grouped_mm"),
         ValueError, r"backend: expected a backend that runs torch.float64 on cpu, got 'grouped_mm', which cannot: .*float64"),
