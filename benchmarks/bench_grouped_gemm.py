@@ -276,6 +276,15 @@ def plot(rows: list[dict], path: str) -> None:
     print(f"plot: {path}")
 
 
+def mma_peak_tflops(device: torch.device) -> float | None:
+    """The mma.sync instruction's bf16 rate on this GPU (tilemoe.cuda.mma_peak_probe), the ceiling of
+    the tiled kernel's math; None where the CUDA kernels do not run."""
+    if device.type != "cuda" or cuda.unavailable_reason() is not None:
+        return None
+    launch, flops = cuda.mma_peak_probe(device)
+    return bench.tflops(flops, bench.time_ms(launch, device=device))
+
+
 def table_markdown(files: list) -> str:
     """The README's tables for recorded runs: per preset, one row per GEMM, prefill token count and
     routing; TFLOP/s per variant and the tiled kernel's % of the dense ceiling."""
@@ -287,7 +296,10 @@ def table_markdown(files: list) -> str:
         parts.append(f"{run['gpu'] or run['device']}, torch {run['torch']}, {run['dtype'].removeprefix('torch.')}, "
                      f"commit {run['commit'][:7]}, `{run['command']}`, {run['date'][:10]}; [{path.name}]({link}). "
                      "Cells: TFLOP/s (2*M*N*K, M = tokens x top-k rows); the dense ceiling is one cuBLAS GEMM "
-                     "[M, K] x [K, N] of the same FLOPs, measured in the same run.")
+                     "[M, K] x [K, N] of the same FLOPs, measured in the same run."
+                     + (f" The mma.sync instruction's own peak on this GPU, measured in the same run with "
+                        f"registers only (csrc/mma_peak.cu): {run['mma_sync_peak_tflops']:.0f} TFLOP/s."
+                        if run.get("mma_sync_peak_tflops") else ""))
         variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
         recorded = list(dict.fromkeys(r["tokens"] for r in rows))
         tokens = [t for t in TABLE_TOKENS if t in recorded] or recorded
@@ -376,6 +388,10 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     add_ratios(rows)
     print_tables(rows)
+    peak = mma_peak_tflops(device) if "tiled" in args.variants else None
+    if peak is not None:
+        print(f"\nmma.sync peak on this GPU (csrc/mma_peak.cu, registers only): {peak:.0f} TFLOP/s; "
+              f"the tiled kernel's best row reached {max(r['tflops'] for r in rows if r['variant'] == 'tiled'):.0f}")
     if (summary := speedup_summary(rows)) is not None:
         print(f"\n{summary}")
     for name, reason in skipped.items():
@@ -384,7 +400,7 @@ def main(argv=None) -> int:
         path = bench.record("grouped_gemm", rows, device, extra={
             "dtype": str(dtype), "presets": presets, "tokens": tokens, "gemms": args.gemm, "routings": args.routing,
             "seed": args.seed, "skew": {"zipf": ZIPF, "never_chosen_share": 1 / NEVER_CHOSEN},
-            "tolerance": tolerance, "skipped": skipped,
+            "tolerance": tolerance, "skipped": skipped, "mma_sync_peak_tflops": peak,
         })
         print(f"recorded: {path}")
     if args.plot:

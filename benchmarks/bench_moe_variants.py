@@ -26,6 +26,8 @@ Variants (those this machine cannot run are listed with the reason and skipped):
 - ``grouped_mm graphed`` / ``triton graphed``: the same layer captured in a CUDA graph and replayed
   (tilemoe.graphs.GraphedMoE): the decode path, without launch and Python overhead. Both
   backends are graphed, so the graph's gain is not credited to the kernels;
+- ``cuda``: the chapter's CUDA C++ grouped GEMM (csrc/, lesson 2) in the grouped_mm pipeline, when
+  tilemoe._C is built;
 - ``sonicmoe``: SonicMoE's kernels (arXiv 2512.14080) on tilemoe's routing, when installed;
 - ``dense floor``: two cuBLAS GEMMs with the layer's FLOPs and no routing ([T*K, H] x [H, 2I]
   and [T*K, I] x [I, H]): what perfect grouped kernels approach when arithmetic bounds them;
@@ -62,7 +64,7 @@ import tilemoe  # noqa: E402
 from tilemoe import backends, bench  # noqa: E402
 from tilemoe.graphs import GraphedMoE  # noqa: E402
 
-LAYER_VARIANTS = ("torch", "grouped_mm", "triton", "sonicmoe")
+LAYER_VARIANTS = ("torch", "grouped_mm", "triton", "cuda", "sonicmoe")
 GRAPHED_VARIANTS = ("grouped_mm graphed", "triton graphed")
 EXPERT_VARIANTS = ("triton experts", "triton+rounding")
 FLOORS = ("dense floor", "weights read")

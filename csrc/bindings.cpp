@@ -16,6 +16,7 @@
 
 #include "tilemoe/expert_counts.cuh"
 #include "tilemoe/grouped_gemm.cuh"
+#include "tilemoe/mma_peak.cuh"
 
 #ifndef TILEMOE_CUDA_ARCHS
 #define TILEMOE_CUDA_ARCHS "unknown"  // set by CMakeLists.txt from CMAKE_CUDA_ARCHITECTURES
@@ -101,6 +102,22 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("grouped_gemm_max_experts", [] { return tilemoe::kGroupedGemmMaxExperts; },
         "Most experts the tiled grouped GEMM takes (its tile prefix sum lives in shared memory).");
+
+  m.def(
+      "mma_peak",
+      [](std::uintptr_t sink_ptr, int blocks, int iterations, std::uintptr_t stream, int device) {
+        check(cudaSetDevice(device), "mma_peak: cudaSetDevice");
+        check(tilemoe::launch_mma_peak(as_ptr<float>(sink_ptr), blocks, iterations,
+                                       reinterpret_cast<cudaStream_t>(stream)),
+              "mma_peak");
+      },
+      py::arg("sink_ptr"), py::arg("blocks"), py::arg("iterations"), py::arg("stream"), py::arg("device"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Enqueue the mma.sync throughput probe (register-only bf16 m16n8k16 chains); sink: a device "
+      "float[mma_peak_threads()].");
+  m.def("mma_peak_flops", &tilemoe::mma_peak_flops, py::arg("blocks"), py::arg("iterations"),
+        "FLOPs of one mma_peak launch.");
+  m.def("mma_peak_threads", [] { return tilemoe::kMmaPeakThreads; }, "Threads per block of the probe.");
 
   m.def(
       "cuda_archs", [] { return std::string(TILEMOE_CUDA_ARCHS); },

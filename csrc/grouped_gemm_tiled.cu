@@ -23,11 +23,14 @@
 // source size of 0), so it never computes with the next expert's rows, and its stores are
 // predicated on the row, so it never writes them.
 #include "tilemoe/grouped_gemm.cuh"
+#include "tilemoe/sm80_instructions.cuh"
 
 #include <algorithm>
 
 namespace tilemoe {
 namespace {
+
+using namespace sm80;  // cp_async_16, ldmatrix_x4, mma_bf16, ...
 
 constexpr int kBK = 64;      // k-step: 64 bf16 = one 128-byte row of a tile per k-step
 constexpr int kChunks = kBK / 8;  // 16-byte chunks per tile row
@@ -50,39 +53,6 @@ struct Config {
 // Element offset of (row, 16-byte chunk) in a [rows][kBK] tile whose chunks are XOR-swizzled.
 __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * kBK + ((chunk ^ (row & 7)) << 3);
-}
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; valid == false writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-// Four 8x8 bf16 matrices from shared memory; lane i gives the address of row i % 8 of matrix i / 8.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-// d += a (16x16, row-major) * b (16x8, column-major), bf16 in, fp32 accumulate.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 // Where a linear tile number lands.

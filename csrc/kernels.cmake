@@ -22,7 +22,8 @@ find_package(CUDAToolkit REQUIRED)
 add_library(tilemoe_kernels STATIC
   ${CMAKE_CURRENT_LIST_DIR}/expert_counts.cu
   ${CMAKE_CURRENT_LIST_DIR}/grouped_gemm_naive.cu
-  ${CMAKE_CURRENT_LIST_DIR}/grouped_gemm_tiled.cu)
+  ${CMAKE_CURRENT_LIST_DIR}/grouped_gemm_tiled.cu
+  ${CMAKE_CURRENT_LIST_DIR}/mma_peak.cu)
 target_include_directories(tilemoe_kernels PUBLIC ${CMAKE_CURRENT_LIST_DIR}/include)
 target_link_libraries(tilemoe_kernels PUBLIC CUDA::cudart_static)
 set_target_properties(tilemoe_kernels PROPERTIES POSITION_INDEPENDENT_CODE ON)

@@ -180,3 +180,23 @@ def test_bad_offsets_are_named(values, message, variant):
     with pytest.raises(ValueError) as err:
         tcuda.grouped_gemm(a, w, torch.tensor(values, dtype=torch.int32, device="cuda"), variant=variant)
     assert str(err.value) == message
+
+
+# %% The mma.sync probe ---------------------------------------------------------------------------
+
+def test_probe_says_why_it_cannot_run():
+    if tcuda.available():
+        pytest.skip("the probe can run here")
+    with pytest.raises(RuntimeError, match="mma_peak_probe is unavailable: "):
+        tcuda.mma_peak_probe()
+
+
+@on_gpu
+def test_probe_runs_and_counts_its_flops():
+    launch, flops = tcuda.mma_peak_probe(iterations=16)
+    launch()
+    torch.cuda.synchronize()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    blocks = sms * (2048 // tcuda._C.mma_peak_threads())
+    warps = blocks * tcuda._C.mma_peak_threads() // 32
+    assert flops == 2 * 16 * 8 * 16 * 8 * 16 * warps  # m16n8k16, 8 chains, 16 iterations per warp

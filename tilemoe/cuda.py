@@ -15,6 +15,8 @@ Errors come from tilemoe.checks: ``"<argument>: expected <expected>, got <actual
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import checks
@@ -24,7 +26,7 @@ try:
 except ImportError:  # built without nvcc: the pure-Python install
     _C = None
 
-__all__ = ["available", "unavailable_reason", "expert_counts", "grouped_gemm", "GROUPED_GEMM_VARIANTS"]
+__all__ = ["available", "unavailable_reason", "expert_counts", "grouped_gemm", "GROUPED_GEMM_VARIANTS", "mma_peak_probe"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -208,6 +210,29 @@ def _check_offsets(values: list[int], rows: int) -> None:
             checks.fail("offsets", "non-decreasing values", f"offsets[{e}] = {lo} > offsets[{e + 1}] = {hi}")
     if values[-1] != rows:
         checks.fail("offsets", f"offsets[E] = M = {rows} (a's rows)", f"offsets[{len(values) - 1}] = {values[-1]}")
+
+
+def mma_peak_probe(device: torch.device | str | None = None, *, iterations: int = 2048) -> tuple[Callable[[], None], float]:
+    """``(launch, flops)``: a launch of the mma.sync throughput probe (csrc/mma_peak.cu) on a CUDA
+    device, and the FLOPs one launch performs. Time ``launch`` (``tilemoe.bench.time_ms``):
+    flops / time is the bf16 rate of the mma.sync instruction on this GPU, with every SM full of
+    warps and no memory traffic, the ceiling of any kernel built on it (the "tiled" grouped GEMM)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"tilemoe.cuda.mma_peak_probe is unavailable: {reason}")
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if device.type != "cuda":
+        checks.fail("device", "a CUDA device", device)
+    checks.check_int("iterations", iterations, low=1, high=_INT32_MAX)
+    threads = _C.mma_peak_threads()
+    # Enough blocks to fill every SM with warps (2048 threads each on sm_80 to sm_100).
+    blocks = torch.cuda.get_device_properties(device).multi_processor_count * (2048 // threads)
+    sink = torch.zeros(threads, dtype=torch.float32, device=device)
+
+    def launch() -> None:
+        _C.mma_peak(sink.data_ptr(), blocks, iterations, torch.cuda.current_stream(device).cuda_stream, device.index)
+
+    return launch, _C.mma_peak_flops(blocks, iterations)
 
 
 def _version(v: int) -> str:
