@@ -192,8 +192,9 @@ def test_probe_says_why_it_cannot_run():
 
 
 @on_gpu
-def test_probe_runs_and_counts_its_flops():
-    launch, flops = tcuda.mma_peak_probe(iterations=16)
+@pytest.mark.parametrize("device", [None, "cuda", "cuda:0", torch.device("cuda")])
+def test_probe_runs_and_counts_its_flops(device):
+    launch, flops = tcuda.mma_peak_probe(device, iterations=16)
     launch()
     torch.cuda.synchronize()
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -220,9 +220,11 @@ def mma_peak_probe(device: torch.device | str | None = None, *, iterations: int 
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"tilemoe.cuda.mma_peak_probe is unavailable: {reason}")
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    device = torch.device("cuda") if device is None else torch.device(device)
     if device.type != "cuda":
         checks.fail("device", "a CUDA device", device)
+    if device.index is None:  # "cuda" means the current device; _C needs its number
+        device = torch.device("cuda", torch.cuda.current_device())
     checks.check_int("iterations", iterations, low=1, high=_INT32_MAX)
     threads = _C.mma_peak_threads()
     # Enough blocks to fill every SM with warps (2048 threads each on sm_80 to sm_100).
