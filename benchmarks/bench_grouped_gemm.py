@@ -339,10 +339,7 @@ def main(argv=None) -> int:
     parser.add_argument("--routing", nargs="+", choices=ROUTINGS, default=list(ROUTINGS), help="which routings (default: both)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--record", action="store_true", help="write the rows to benchmarks/results/<device>/")
-    parser.add_argument("--plot", metavar="PNG", help="write TFLOP/s against tokens to this PNG")
-    parser.add_argument("--table", nargs="+", metavar="JSON",
-                        help="print the README's markdown tables from files --record wrote, and exit (runs nothing)")
+    bench.add_output_options(parser, plot="TFLOP/s against tokens")
     args = parser.parse_args(argv)
     if args.table:
         return bench.print_tables(parser, table_markdown, args.table)

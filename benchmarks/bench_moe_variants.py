@@ -263,10 +263,7 @@ def main(argv=None) -> int:
                         help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-check", action="store_true", help="skip the reference checks (timing only)")
-    parser.add_argument("--record", action="store_true", help="write the rows to benchmarks/results/<device>/")
-    parser.add_argument("--plot", metavar="PNG", help="write TFLOP/s against tokens to this PNG")
-    parser.add_argument("--table", nargs="+", metavar="JSON",
-                        help="print the README's markdown tables from files --record wrote, and exit (runs nothing)")
+    bench.add_output_options(parser, plot="TFLOP/s against tokens")
     args = parser.parse_args(argv)
     if args.table:
         return bench.print_tables(parser, table_markdown, args.table)

@@ -305,10 +305,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-gb", type=float, default=None,
                         help="largest gathered-weight buffer levels 1-3 may allocate (default: 20 on a GPU, 2 on a CPU)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--record", action="store_true", help="write the rows to benchmarks/results/<device>/")
-    parser.add_argument("--plot", metavar="PNG", help="write time per level to this PNG")
-    parser.add_argument("--table", nargs="+", metavar="JSON",
-                        help="print the README's markdown tables from files --record wrote, and exit (runs nothing)")
+    bench.add_output_options(parser, plot="time per level")
     args = parser.parse_args(argv)
     if args.table:
         return bench.print_tables(parser, table_markdown, args.table)

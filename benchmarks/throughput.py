@@ -134,9 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--usd-per-gpu-hour", type=float, default=2.0,
                         help="your price of one GPU-hour (default: 2.0, an input, not a quote)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--record", action="store_true", help="write the rows to benchmarks/results/<device>/")
-    parser.add_argument("--table", nargs="+", metavar="JSON",
-                        help="print the README's markdown table from files --record wrote, and exit (runs nothing)")
+    bench.add_output_options(parser)
     args = parser.parse_args(argv)
     if args.table:
         return bench.print_tables(parser, table_markdown, args.table)
