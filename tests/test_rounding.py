@@ -97,6 +97,16 @@ def test_tile_utilization_reaches_one_at_real_shape():
     assert out.stats.padded_rows_after == 0 and out.stats.padded_rows_before > 0
 
 
+def test_row_multiple_says_whether_every_expert_is_aligned():
+    logits = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+    assert tilemoe.route(logits, 8).row_multiple == 1
+    _, _, out = rounded(logits, 8, 128, "nearest")
+    assert out.routing.row_multiple == 128 and all(c % 128 == 0 for c in out.stats.counts_after)
+    # "up" is capped at T tokens: with 6 tokens and a tile of 4, a busy expert keeps all 6
+    _, _, capped = rounded(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), 3, 4, "up")
+    assert any(c % 4 for c in capped.stats.counts_after) and capped.routing.row_multiple == 1
+
+
 @pytest.mark.parametrize("mode", rounding.MODES)
 @pytest.mark.parametrize("backend", ["torch", "grouped_mm"])
 def test_rounded_routing_runs_through_every_backend(mode, backend, poison_uninitialized_memory):

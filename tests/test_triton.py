@@ -97,6 +97,34 @@ def test_dropped_slots_by_capacity_and_rounding_are_never_summed():
 
 
 @needs_triton
+@pytest.mark.parametrize("persistent", [False, True])
+def test_tile_aligned_routing_takes_the_unmasked_path(persistent, poison_uninitialized_memory):
+    # Rounded to 16-row tiles, every 16-row block is full: both GEMMs store without masks (and
+    # poisoned memory shows that nothing is missed); the top-k routing keeps its masks.
+    w = make_weights(64, 32, 8, device=DEVICE, seed=3)
+    x = torch.randn(90, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    logits = tilemoe.router_logits(x, w["router_weight"])
+    rounded = tilemoe.round_routing(logits.softmax(-1), tilemoe.route(logits, 2), 16, "nearest").routing
+    assert rounded.row_multiple == 16 and bool((rounded.counts % 16 == 0).all())
+    cfg = tile(16, 16, 32, persistent)
+    ops_mod, _ = ops()
+    real = ops_mod.grouped_gemm_kernel
+    flags = []
+
+    class Spy:  # records what each launch was told, then launches the real kernel
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                flags.append((kwargs["ROWS_FULL"], kwargs["EVEN_N"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    with mock.patch.object(ops_mod, "grouped_gemm_kernel", Spy()):
+        check(x, w, rounded.top_k, rounded, tile_configs=(cfg, cfg), store_pre=True)
+        check(x, w, 2, tilemoe.route(logits, 2), tile_configs=(cfg, cfg))
+    assert flags == [(True, True), (True, True), (False, True), (False, True)]
+
+
+@needs_triton
 def test_saved_pre_activation_and_activation_are_the_expert_products():
     num_experts, top_k = 4, 2
     w = make_weights(32, 16, num_experts, device=DEVICE, seed=7)

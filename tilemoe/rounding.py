@@ -20,7 +20,7 @@ experts it keeps, renormalized (when ``renormalize``) and scaled by ``routed_sca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -154,12 +154,17 @@ def round_routing(
     if renormalize:
         weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
     weights = weights * routed_scaling
-    new_routing = build_routing(torch.where(valid, new_ids, -1), weights, scores, num_experts, has_empty_slots=True)
-
     after = keep.sum(dim=0)
+    counts_after = after.tolist()
+    # Every expert on a tile boundary (the usual case; "up" capped at T tokens, or "adaptive", can
+    # leave one off): tell the kernels, which then skip their row masks.
+    aligned = all(c % tile_size == 0 for c in counts_after)
+    new_routing = build_routing(torch.where(valid, new_ids, -1), weights, scores, num_experts, has_empty_slots=True)
+    new_routing = replace(new_routing, row_multiple=tile_size if aligned else 1)
+
     stats = RoundingStats(
         mode=mode, tile_size=tile_size,
-        counts_before=counts.tolist(), counts_after=after.tolist(),
+        counts_before=counts.tolist(), counts_after=counts_after,
         utilization_before=tile_utilization(counts, tile_size), utilization_after=tile_utilization(after, tile_size),
         padded_rows_before=tile_rows(counts, tile_size) - int(counts.sum()),
         padded_rows_after=tile_rows(after, tile_size) - int(after.sum()),

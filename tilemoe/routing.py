@@ -50,6 +50,9 @@ class Routing:
     capacity      int or None    per-expert capacity that was applied, if any
     has_empty_slots bool         some slots may hold -1 (dropped by capacity, or padding after
                                  token rounding): combines must mask them
+    row_multiple  int            every count is a multiple of this (token rounding sets its tile
+                                 when every expert came out aligned, from counts it already read on
+                                 the host); kernels whose row tile divides it skip row masks
     """
 
     topk_ids: torch.Tensor
@@ -62,6 +65,7 @@ class Routing:
     slot_position: torch.Tensor
     capacity: int | None = None
     has_empty_slots: bool = False
+    row_multiple: int = 1
 
     @property
     def num_tokens(self) -> int:

@@ -75,7 +75,7 @@ def grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, SCATTER_C: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr, ROWS_FULL: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     """C[rows of expert e] = epilogue(A[rows] @ W[e]^T) over the row blocks of schedule_kernel.
 
@@ -89,6 +89,9 @@ def grouped_gemm_kernel(
     copies whole tiles, zero-filling past the tensor's end) over w viewed as [E*rows, K] / over a.
     A tile may then read rows of the next expert, or columns past N: they only feed outputs that
     are never stored, so no mask is needed.
+
+    ROWS_FULL: every expert's row count is a multiple of BLOCK_M (a routing rounded to the tile),
+    so every row block is full; with EVEN_N (N a multiple of BLOCK_N) too, the stores need no mask.
     """
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_blocks = tl.load(num_blocks_ptr)
@@ -107,9 +110,12 @@ def grouped_gemm_kernel(
         row_end = tl.load(offsets_ptr + expert + 1)
         rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
-        # Rows past the expert's segment repeat its last row: every load stays in bounds and
-        # unmasked; those rows are simply not stored.
-        rows_in = tl.minimum(rows, row_end - 1)
+        if ROWS_FULL:
+            rows_in = rows
+        else:
+            # Rows past the expert's segment repeat its last row: every load stays in bounds and
+            # unmasked; those rows are simply not stored.
+            rows_in = tl.minimum(rows, row_end - 1)
         if GATHER_A:
             a_rows = tl.load(gather_ptr + rows_in).to(tl.int64)
         else:
@@ -164,8 +170,12 @@ def grouped_gemm_kernel(
         if SWIGLU:
             if STORE_PRE:
                 pre = pre_ptr + rows64[:, None] * stride_pm + cols[None, :]
-                tl.store(pre, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
-                tl.store(pre + N, acc_up.to(pre_ptr.dtype.element_ty), mask=store_ok)
+                if ROWS_FULL and EVEN_N:
+                    tl.store(pre, acc.to(pre_ptr.dtype.element_ty))
+                    tl.store(pre + N, acc_up.to(pre_ptr.dtype.element_ty))
+                else:
+                    tl.store(pre, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
+                    tl.store(pre + N, acc_up.to(pre_ptr.dtype.element_ty), mask=store_ok)
             acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
         if SCATTER_C:
             slots = tl.load(scatter_ptr + rows_in)
@@ -173,7 +183,11 @@ def grouped_gemm_kernel(
             out_rows = slots.to(tl.int64)
         else:
             out_rows = rows64
-        tl.store(c_ptr + out_rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=store_ok)
+        c_ptrs = c_ptr + out_rows[:, None] * stride_cm + cols[None, :]
+        if ROWS_FULL and EVEN_N:  # a tile-aligned routing: every row and column of the tile is real
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty))
+        else:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=store_ok)
 
 
 @triton.jit

@@ -131,6 +131,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
         GATHER_A=gather is not None, SWIGLU=swiglu, STORE_PRE=pre is not None, SCATTER_C=scatter is not None,
         EVEN_K=k % config.block_k == 0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         A_TMA=a_tma, W_TMA=w_tma, FLATTEN=config.persistent and not interpreted(),
+        ROWS_FULL=routing.row_multiple % config.block_m == 0, EVEN_N=n % config.block_n == 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
