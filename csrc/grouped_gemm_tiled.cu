@@ -41,7 +41,7 @@ constexpr int kPrefixBytes = (kGroupedGemmMaxExperts + 1) * static_cast<int>(siz
 template <int BM, int BN, int WarpsM, int WarpsN, int Stages, int MinBlocks>
 struct Config {
   static constexpr int kBM = BM, kBN = BN, kStages = Stages, kMinBlocks = MinBlocks;
-  static constexpr int kWarpsM = WarpsM, kWarpsN = WarpsN, kThreads = 32 * WarpsM * WarpsN;
+  static constexpr int kWarpsN = WarpsN, kThreads = 32 * WarpsM * WarpsN;
   static constexpr int kWM = BM / WarpsM, kWN = BN / WarpsN;  // each warp's piece of the tile
   static constexpr int kMmaM = kWM / 16, kMmaN = kWN / 8;      // m16n8k16 instructions per warp per k16
   static constexpr int kSmemTiles = Stages * (BM + BN) * kBK * static_cast<int>(sizeof(__nv_bfloat16));
@@ -70,7 +70,10 @@ __device__ void build_tile_prefix(const int32_t* __restrict__ offsets, int num_e
   for (int base = 0; base < num_experts; base += 32) {
     const int e = base + lane;
     int tiles = 0;
-    if (e < num_experts) tiles = (offsets[e + 1] - offsets[e] + kBM - 1) / kBM;
+    if (e < num_experts) {
+      const int rows = offsets[e + 1] - offsets[e];
+      tiles = rows / kBM + (rows % kBM != 0);  // not (rows + kBM - 1) / kBM: that overflows near 2^31
+    }
 #pragma unroll
     for (int d = 1; d < 32; d *= 2) {  // inclusive scan across the warp
       const int up = __shfl_up_sync(0xffffffffu, tiles, d);
@@ -84,7 +87,7 @@ __device__ void build_tile_prefix(const int32_t* __restrict__ offsets, int num_e
 
 template <int kBM, int kBN>
 __device__ __forceinline__ Tile locate(int64_t tile, int col_tiles, const int* tile_start, int num_experts,
-                                       const int32_t* __restrict__ offsets) {
+                                       const int32_t* __restrict__ offsets, int64_t m_total) {
   // The expert: the first e whose row tiles end after this tile's row tile (empty experts own
   // no tiles, so they are skipped by the strict comparison).
   const int row_tile = static_cast<int>(tile / col_tiles);
@@ -104,7 +107,7 @@ __device__ __forceinline__ Tile locate(int64_t tile, int col_tiles, const int* t
   Tile t;
   t.expert = e;
   t.row_start = offsets[e] + static_cast<int64_t>(first_row + in_group % group_rows) * kBM;
-  t.row_end = offsets[e + 1];
+  t.row_end = min(static_cast<int64_t>(offsets[e + 1]), m_total);  // never past a's rows, whatever the offsets say
   t.col_start = (in_group / group_rows) * kBN;
   return t;
 }
@@ -113,7 +116,7 @@ template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     grouped_gemm_tiled_kernel(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ w,
                               const int32_t* __restrict__ offsets, __nv_bfloat16* __restrict__ c,
-                              int num_experts, int n, int k) {
+                              int64_t m_total, int num_experts, int n, int k) {
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kThreads = Cfg::kThreads;
   constexpr int kWarpsN = Cfg::kWarpsN, kWM = Cfg::kWM, kWN = Cfg::kWN, kMmaM = Cfg::kMmaM, kMmaN = Cfg::kMmaN;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -131,7 +134,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int k_steps = (k + kBK - 1) / kBK;
 
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-    const Tile t = locate<kBM, kBN>(tile, col_tiles, tile_start, num_experts, offsets);
+    const Tile t = locate<kBM, kBN>(tile, col_tiles, tile_start, num_experts, offsets, m_total);
     const __nv_bfloat16* w_e = w + static_cast<int64_t>(t.expert) * n * k;
 
     // Issue the cp.asyncs of one k-step into one stage: kThreads threads, 16 bytes each per pass.
@@ -264,7 +267,7 @@ cudaError_t launch(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t
   const int64_t col_tiles = (n + Cfg::kBN - 1) / Cfg::kBN;
   const int64_t max_tiles = (m_total / Cfg::kBM + num_experts) * col_tiles;
   const int grid = static_cast<int>(std::min<int64_t>(ctas, max_tiles));
-  grouped_gemm_tiled_kernel<Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a, w, offsets, c, num_experts, n, k);
+  grouped_gemm_tiled_kernel<Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a, w, offsets, c, m_total, num_experts, n, k);
   return cudaGetLastError();
 }
 

@@ -15,7 +15,11 @@ __global__ void __launch_bounds__(kMmaPeakThreads) mma_peak_kernel(float* sink, 
   const uint32_t seed = 0x3c003c00u ^ threadIdx.x;
   const uint32_t a[4] = {seed, seed ^ 1u, seed ^ 2u, seed ^ 3u};
   const uint32_t b[2] = {seed ^ 4u, seed ^ 5u};
-  float acc[kChains][4] = {};
+  float acc[kChains][4];
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) {  // a different start per chain: no two chains can be merged
+    for (int q = 0; q < 4; ++q) acc[c][q] = static_cast<float>(c * 4 + q + threadIdx.x);
+  }
   for (int i = 0; i < iterations; ++i) {
 #pragma unroll
     for (int c = 0; c < kChains; ++c) sm80::mma_bf16(acc[c], a, b);

@@ -90,6 +90,25 @@ def test_argument_errors(change, exc, message):
     assert str(err.value).startswith(message), str(err.value)
 
 
+def test_naive_column_limit_is_named():
+    w = torch.empty(1, 65535 * 32 + 8, 8, dtype=torch.bfloat16, device="meta")  # shape only, no memory
+    args = dict(a=torch.empty(4, 8, dtype=torch.bfloat16), w=w, offsets=torch.tensor([0, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"w: expected N <= 2097120 for variant 'naive' \(65535 x 32 columns\), got N = 2097128"):
+        tcuda.grouped_gemm(**args, variant="naive")
+
+
+def test_cuda_backend_names_its_expert_limit():
+    from tilemoe.backends import cuda_grouped
+
+    w = make_weights_like(1025)
+    with pytest.raises(ValueError, match=r"w_gate_up: expected at most 1024 experts for backend 'cuda', got E = 1025"):
+        cuda_grouped.experts(torch.zeros(2, 8), None, w["w_gate_up"], w["w_down"])
+
+
+def make_weights_like(num_experts: int) -> dict:
+    return {"w_gate_up": torch.empty(num_experts, 16, 8, device="meta"), "w_down": torch.empty(num_experts, 8, 8, device="meta")}
+
+
 def test_limit_matches_the_compiled_kernel():
     if tcuda._C is None:
         pytest.skip("tilemoe._C is not built")
@@ -165,6 +184,17 @@ def test_tiled_without_validation_never_syncs_and_captures_in_a_graph():
 
 
 @on_gpu
+@pytest.mark.parametrize("name", ["a", "w", "out"])
+def test_misaligned_views_are_named(name):
+    a, w, offsets = make([3, 5], 16, 16)
+    args = dict(a=a, w=w, offsets=offsets, out=torch.empty(8, 16, dtype=torch.bfloat16, device="cuda"))
+    shifted = torch.empty(args[name].numel() + 1, dtype=torch.bfloat16, device="cuda")[1:].view(args[name].shape)
+    args[name] = shifted  # contiguous, but starts 2 bytes into its storage
+    with pytest.raises(ValueError, match=rf"{name}: expected a (16|4)-byte aligned start"):
+        tcuda.grouped_gemm(**args)
+
+
+@on_gpu
 @pytest.mark.parametrize(
     "values, message",
     [
@@ -197,7 +227,7 @@ def test_probe_runs_and_counts_its_flops(device):
     launch, flops = tcuda.mma_peak_probe(device, iterations=16)
     launch()
     torch.cuda.synchronize()
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    blocks = sms * (2048 // tcuda._C.mma_peak_threads())
+    props = torch.cuda.get_device_properties(0)
+    blocks = props.multi_processor_count * (props.max_threads_per_multi_processor // tcuda._C.mma_peak_threads())
     warps = blocks * tcuda._C.mma_peak_threads() // 32
     assert flops == 2 * 16 * 8 * 16 * 8 * 16 * warps  # m16n8k16, 8 chains, 16 iterations per warp

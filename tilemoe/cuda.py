@@ -118,6 +118,8 @@ def expert_counts(
 GROUPED_GEMM_VARIANTS = ("naive", "tiled")
 # The tiled kernel keeps every expert's tile prefix sum in shared memory.
 MAX_EXPERTS = 1024
+# The naive kernel puts its 32-column tiles in gridDim.y (at most 65535).
+_NAIVE_MAX_N = 65535 * 32
 
 
 def grouped_gemm(
@@ -170,14 +172,22 @@ def grouped_gemm(
     for name, value in (("N", n), ("K", k)):
         if value == 0 or value % 8:
             checks.fail("w", f"{name} a positive multiple of 8 (16-byte rows)", f"{name} = {value} (shape {list(w.shape)})")
-    if rows > _INT32_MAX or n > _INT32_MAX // 8:
+    if rows > _INT32_MAX:
         checks.fail("a", f"at most {_INT32_MAX} rows", rows)
+    limit = _NAIVE_MAX_N if variant == "naive" else _INT32_MAX // 8
+    if n > limit:
+        checks.fail("w", f"N <= {limit}" + (" for variant 'naive' (65535 x 32 columns)" if variant == "naive" else ""),
+                    f"N = {n} (shape {list(w.shape)})")
     for name, t in (("a", a), ("w", w), ("offsets", offsets)):
         checks.check_contiguous(name, t)
         if t.device.type != "cuda":
             checks.fail(name, "a CUDA tensor", f"device {t.device}")
-        if name != "a":
-            checks.check_same_device(name, t, a.device)
+        if name != "a" and t.device != a.device:
+            checks.fail(name, f"device {a.device} (the device of a)", t.device)
+    for name, t in (("a", a), ("w", w)):  # cp.async moves 16-byte chunks
+        if t.data_ptr() % 16:
+            checks.fail(name, "a 16-byte aligned start (a fresh tensor, or a view at a multiple of 8 elements)",
+                        f"address {t.data_ptr():#x}")
     if out is None:
         out = torch.empty(rows, n, dtype=torch.bfloat16, device=a.device)
     else:
@@ -186,10 +196,17 @@ def grouped_gemm(
             checks.fail("out", "dtype torch.bfloat16", out.dtype, TypeError)
         checks.check_shape("out", out, (rows, n), f"[M, N] = [{rows}, {n}]")
         checks.check_contiguous("out", out)
-        checks.check_same_device("out", out, a.device)
+        if out.device != a.device:
+            checks.fail("out", f"device {a.device} (the device of a)", out.device)
+        if out.data_ptr() % 4:  # the epilogue stores pairs of bf16
+            checks.fail("out", "a 4-byte aligned start", f"address {out.data_ptr():#x}")
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"tilemoe.cuda.grouped_gemm is unavailable: {reason}")
+    capability = torch.cuda.get_device_capability(a.device)
+    if capability < (8, 0):
+        checks.fail("a", "a tensor on a GPU of compute capability >= 8.0 (mma.sync bf16, cp.async)",
+                    f"{a.device}, compute capability {capability[0]}.{capability[1]}")
     host_offsets = offsets.tolist() if (validate or variant == "naive") else None  # the one sync
     if host_offsets is not None:  # read anyway: checking costs nothing more
         _check_offsets(host_offsets, rows)
@@ -227,8 +244,9 @@ def mma_peak_probe(device: torch.device | str | None = None, *, iterations: int 
         device = torch.device("cuda", torch.cuda.current_device())
     checks.check_int("iterations", iterations, low=1, high=_INT32_MAX)
     threads = _C.mma_peak_threads()
-    # Enough blocks to fill every SM with warps (2048 threads each on sm_80 to sm_100).
-    blocks = torch.cuda.get_device_properties(device).multi_processor_count * (2048 // threads)
+    # Enough blocks to fill every SM with warps, and no more (no partial last wave).
+    props = torch.cuda.get_device_properties(device)
+    blocks = props.multi_processor_count * (props.max_threads_per_multi_processor // threads)
     sink = torch.zeros(threads, dtype=torch.float32, device=device)
 
     def launch() -> None:

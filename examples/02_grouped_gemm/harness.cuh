@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -60,7 +61,7 @@ inline void usage(const char* program, const char* what) {
       "  --skew S     expert e gets a share of rows proportional to (e + 1)^-S: 0 is balanced\n"
       "               (rows still drawn at random, so sizes are ragged), 1.5 leaves most experts\n"
       "               nearly empty and some empty (default 0)\n"
-      "  --reps R     timed runs, the median reported (default 20; at least 3, then no more once 1 s is spent)\n"
+      "  --reps R     timed runs, the median reported (default 20; after 3, it stops once 1 s is spent)\n"
       "  --seed X     random seed (default 0)\n"
       "Checks every element against an fp32 reference; exits 1 on a wrong result.\n",
       program, what, program);
@@ -79,14 +80,30 @@ inline Options parse(int argc, char** argv, const char* what) {
       std::exit(2);
     }
     const char* value = argv[++i];
-    if (arg == "--experts") o.experts = std::atoi(value);
-    else if (arg == "--tokens") o.tokens = std::atoi(value);
-    else if (arg == "--n") o.n = std::atoi(value);
-    else if (arg == "--k") o.k = std::atoi(value);
-    else if (arg == "--skew") o.skew = std::atof(value);
-    else if (arg == "--reps") o.reps = std::atoi(value);
-    else if (arg == "--seed") o.seed = static_cast<unsigned>(std::atoi(value));
-    else {
+    // The whole value must be a number: "--tokens 1e5" or "--tokens abc" is an error, not 1 or 0.
+    auto integer = [&]() {
+      char* end = nullptr;
+      const long v = std::strtol(value, &end, 10);
+      if (end == value || *end != '\0' || v < INT32_MIN || v > INT32_MAX) {
+        std::fprintf(stderr, "%s: %s: expected an integer, got %s\n", argv[0], arg.c_str(), value);
+        std::exit(2);
+      }
+      return static_cast<int>(v);
+    };
+    if (arg == "--experts") o.experts = integer();
+    else if (arg == "--tokens") o.tokens = integer();
+    else if (arg == "--n") o.n = integer();
+    else if (arg == "--k") o.k = integer();
+    else if (arg == "--reps") o.reps = integer();
+    else if (arg == "--seed") o.seed = static_cast<unsigned>(integer());
+    else if (arg == "--skew") {
+      char* end = nullptr;
+      o.skew = std::strtod(value, &end);
+      if (end == value || *end != '\0') {
+        std::fprintf(stderr, "%s: --skew: expected a number, got %s\n", argv[0], value);
+        std::exit(2);
+      }
+    } else {
       std::fprintf(stderr, "%s: unknown argument %s (see --help)\n", argv[0], arg.c_str());
       std::exit(2);
     }
@@ -279,6 +296,8 @@ inline int run_example(int argc, char** argv, const char* what, const Launch& la
                     static_cast<void*>(offsets), static_cast<void*>(max_bits), static_cast<void*>(counters)}) {
     CUDA_CHECK(cudaFree(ptr));
   }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
   CUDA_CHECK(cudaStreamDestroy(stream));
   return ok ? 0 : 1;
 }

@@ -49,6 +49,8 @@ def _forward(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down:
 def experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         checks.check_contiguous(name, w, " (call .contiguous() once, at load)")
+    if w_gate_up.shape[0] > cuda.MAX_EXPERTS:
+        checks.fail("w_gate_up", f"at most {cuda.MAX_EXPERTS} experts for backend 'cuda'", f"E = {w_gate_up.shape[0]}")
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
     return recompute_backward(_forward, x.contiguous(), routing, w_gate_up, w_down)
