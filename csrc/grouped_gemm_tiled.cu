@@ -133,29 +133,47 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int64_t num_tiles = static_cast<int64_t>(tile_start[num_experts]) * col_tiles;
   const int k_steps = (k + kBK - 1) / kBK;
 
+  // This thread's share of every tile load: one 16-byte chunk column of rows ld_row, ld_row + 32, ...
+  // Its shared-memory offset is the same in every pass (32 rows keep row % 8, so the swizzle).
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  constexpr int kRowBytes = kBK * static_cast<int>(sizeof(__nv_bfloat16));
+  const int ld_row = tid / kChunks, ld_chunk = tid % kChunks;
+  const uint32_t ld_smem = ld_row * kRowBytes + ((ld_chunk ^ (ld_row & 7)) << 4);
+  const uint32_t a_smem = shared_address(a_tiles) + ld_smem, w_smem = shared_address(w_tiles) + ld_smem;
+  const int64_t pass_stride = static_cast<int64_t>(kRowsPerPass) * k;  // elements between passes
+
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const Tile t = locate<kBM, kBN>(tile, col_tiles, tile_start, num_experts, offsets, m_total);
-    const __nv_bfloat16* w_e = w + static_cast<int64_t>(t.expert) * n * k;
 
-    // Issue the cp.asyncs of one k-step into one stage: kThreads threads, 16 bytes each per pass.
+    // Addresses and row checks once per tile; a k-step only adds its column offset.
+    const __nv_bfloat16* a_src = a + (t.row_start + ld_row) * k + ld_chunk * 8;
+    const __nv_bfloat16* w_src =
+        w + (static_cast<int64_t>(t.expert) * n + t.col_start + ld_row) * k + ld_chunk * 8;
+    uint32_t a_rows_ok = 0, w_rows_ok = 0;  // bit i: pass i's row is inside the expert / inside N
+#pragma unroll
+    for (int i = 0; i < kBM / kRowsPerPass; ++i) {
+      a_rows_ok |= static_cast<uint32_t>(t.row_start + ld_row + i * kRowsPerPass < t.row_end) << i;
+    }
+#pragma unroll
+    for (int i = 0; i < kBN / kRowsPerPass; ++i) {
+      w_rows_ok |= static_cast<uint32_t>(t.col_start + ld_row + i * kRowsPerPass < n) << i;
+    }
+
+    // Issue the cp.asyncs of one k-step into one stage; rows past the expert's end or N, and
+    // columns past K, are zero-filled (nothing is read for them).
     auto load_stage = [&](int stage, int step) {
       const int k0 = step * kBK;
-      __nv_bfloat16* sa = a_tiles + stage * kBM * kBK;
-      __nv_bfloat16* sw = w_tiles + stage * kBN * kBK;
+      const bool k_ok = ld_chunk * 8 + k0 < k;
+      const uint32_t sa = a_smem + stage * kBM * kRowBytes, sw = w_smem + stage * kBN * kRowBytes;
 #pragma unroll
-      for (int i = 0; i < kBM * kChunks / kThreads; ++i) {
-        const int idx = tid + i * kThreads, row = idx / kChunks, chunk = idx % kChunks;
-        const int64_t g_row = t.row_start + row;
-        const int g_k = k0 + chunk * 8;
-        const bool ok = g_row < t.row_end && g_k < k;  // past the expert's rows or K: zeros
-        cp_async_16(shared_address(sa + swizzle(row, chunk)), ok ? a + g_row * k + g_k : a, ok);
+      for (int i = 0; i < kBM / kRowsPerPass; ++i) {
+        const bool ok = k_ok && ((a_rows_ok >> i) & 1u);
+        cp_async_16(sa + i * kRowsPerPass * kRowBytes, ok ? a_src + i * pass_stride + k0 : a, ok);
       }
 #pragma unroll
-      for (int i = 0; i < kBN * kChunks / kThreads; ++i) {
-        const int idx = tid + i * kThreads, row = idx / kChunks, chunk = idx % kChunks;
-        const int g_n = t.col_start + row, g_k = k0 + chunk * 8;
-        const bool ok = g_n < n && g_k < k;
-        cp_async_16(shared_address(sw + swizzle(row, chunk)), ok ? w_e + static_cast<int64_t>(g_n) * k + g_k : w, ok);
+      for (int i = 0; i < kBN / kRowsPerPass; ++i) {
+        const bool ok = k_ok && ((w_rows_ok >> i) & 1u);
+        cp_async_16(sw + i * kRowsPerPass * kRowBytes, ok ? w_src + i * pass_stride + k0 : w, ok);
       }
     };
 
