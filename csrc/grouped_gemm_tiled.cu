@@ -48,11 +48,19 @@ struct Config {
   static constexpr int kSmemBytes = kSmemTiles + kPrefixBytes;
   static_assert(BM * kChunks % kThreads == 0 && BN * kChunks % kThreads == 0, "loads split evenly");
   static_assert(kMmaN % 2 == 0, "B fragments are loaded two n8 tiles at a time");
+  static_assert(BM * BN <= Stages * (BM + BN) * kBK, "the epilogue stages the C tile in the pipeline's buffers");
 };
 
 // Element offset of (row, 16-byte chunk) in a [rows][kBK] tile whose chunks are XOR-swizzled.
 __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * kBK + ((chunk ^ (row & 7)) << 3);
+}
+
+// Element offset of (row, col) in the epilogue's [rows][kBN] staging tile: 16-byte chunks
+// XOR-swizzled by row % 8 (col's position inside its chunk is kept).
+template <int kBN>
+__device__ __forceinline__ int staged_offset(int row, int col) {
+  return row * kBN + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
 // Where a linear tile number lands.
@@ -226,25 +234,37 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     cp_async_wait<0>();
     __syncthreads();  // every warp is done reading shared memory before the next tile's prologue
 
-    // Epilogue: each thread holds (row, col..col+1) and (row + 8, col..col+1) of every mma tile.
-    // N is a multiple of 8 and col is even, so a pair is either wholly inside N or wholly out.
+    // Epilogue in two moves, so that global stores fill whole 32-byte sectors. First each thread's
+    // fragments go to shared memory (the pipeline's buffers are idle now): (row, col..col+1) and
+    // (row + 8, col..col+1) of every mma tile, into a [kBM][kBN] tile whose 16-byte chunks are
+    // XOR-swizzled by row, so the 8 rows one store instruction touches hit 8 different banks.
+    __nv_bfloat16* staged = a_tiles;
 #pragma unroll
     for (int mi = 0; mi < kMmaM; ++mi) {
 #pragma unroll
       for (int ni = 0; ni < kMmaN; ++ni) {
-        const int64_t row = t.row_start + warp_m * kWM + mi * 16 + lane / 4;
-        const int col = t.col_start + warp_n * kWN + ni * 8 + (lane % 4) * 2;
-        if (col >= n) continue;
-        if (row < t.row_end) {
-          *reinterpret_cast<__nv_bfloat162*>(c + row * n + col) =
-              __floats2bfloat162_rn(acc[mi][ni][0], acc[mi][ni][1]);
-        }
-        if (row + 8 < t.row_end) {
-          *reinterpret_cast<__nv_bfloat162*>(c + (row + 8) * n + col) =
-              __floats2bfloat162_rn(acc[mi][ni][2], acc[mi][ni][3]);
-        }
+        const int row = warp_m * kWM + mi * 16 + lane / 4;
+        const int col = warp_n * kWN + ni * 8 + (lane % 4) * 2;
+        *reinterpret_cast<__nv_bfloat162*>(staged + staged_offset<kBN>(row, col)) =
+            __floats2bfloat162_rn(acc[mi][ni][0], acc[mi][ni][1]);
+        *reinterpret_cast<__nv_bfloat162*>(staged + staged_offset<kBN>(row + 8, col)) =
+            __floats2bfloat162_rn(acc[mi][ni][2], acc[mi][ni][3]);
       }
     }
+    __syncthreads();
+    // Then whole 16-byte pieces of rows: a warp stores 512 contiguous bytes of one row. N is a
+    // multiple of 8, so a piece is either wholly inside N or wholly out.
+#pragma unroll 4
+    for (int idx = tid; idx < kBM * kBN / 8; idx += kThreads) {
+      const int row = idx / (kBN / 8), col = idx % (kBN / 8) * 8;
+      const int64_t g_row = t.row_start + row;
+      const int g_col = t.col_start + col;
+      if (g_row < t.row_end && g_col < n) {
+        *reinterpret_cast<uint4*>(c + g_row * n + g_col) =
+            *reinterpret_cast<const uint4*>(staged + staged_offset<kBN>(row, col));
+      }
+    }
+    __syncthreads();  // everyone has read the staged tile before the next tile's loads overwrite it
   }
 }
 
