@@ -1,6 +1,6 @@
 // One persistent tensor-core kernel for every expert's GEMM.
 //
-// The four ideas, in the order the code uses them:
+// The five ideas, in the order the code uses them:
 //
 // 1. A device-side tile scheduler. Expert e's rows form ceil(rows_e / BM) row tiles; each CTA
 //    reads the E + 1 offsets, builds the prefix sum of those counts in shared memory (one warp,
@@ -18,6 +18,9 @@
 // 4. An L2-friendly order. Within an expert, consecutive tiles walk kGroupM row tiles down a
 //    column of tiles before moving right, so CTAs running at the same time share W's and A's
 //    tiles through L2 instead of each fetching its own from HBM.
+//
+// 5. A staged epilogue. The accumulators go to shared memory first, then out in 16-byte row
+//    pieces: whole 32-byte sectors per store instead of the fragments' scattered 4-byte pairs.
 //
 // Ragged rows: a tile's loads of rows past its expert's end are zero-filled (cp.async with a
 // source size of 0), so it never computes with the next expert's rows, and its stores are
