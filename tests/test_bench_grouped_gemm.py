@@ -111,3 +111,18 @@ def test_missing_table_file_and_bad_arguments_exit_2(bench, capsys, tmp_path):
     assert status == 2 and "--tokens: expected ints >= 1, got [0]" in err
     status, _, err = exit_status(bench, capsys, "--routing", "zipf")
     assert status == 2 and "--routing: invalid choice: 'zipf'" in err
+
+
+def test_a_wrong_variant_fails_its_check_and_the_run(bench, capsys, monkeypatch):
+    # Plant a wrong answer: the torch loop's last expert forgets its rows (they stay NaN).
+    def forgetful_loop(a, w, offsets, out):
+        bounds = offsets.tolist()
+        for e, (start, end) in enumerate(zip(bounds[:-2], bounds[1:-1])):
+            out[start:end] = a[start:end] @ w[e].t()
+        return out
+
+    monkeypatch.setattr(bench, "torch_loop", forgetful_loop)
+    status, out, _ = exit_status(bench, capsys, "--tokens", "64", "--gemm", "up", "--routing", "balanced",
+                                 "--variants", "torch loop")
+    assert status == 1
+    assert "FAIL: small up T=64 balanced torch loop: rel. error inf > 0.0001" in out  # NaN counts as failure
