@@ -54,16 +54,13 @@ struct Config {
   static_assert(BM * BN <= Stages * (BM + BN) * kBK, "the epilogue stages the C tile in the pipeline's buffers");
 };
 
-// Element offset of (row, 16-byte chunk) in a [rows][kBK] tile whose chunks are XOR-swizzled.
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kBK + ((chunk ^ (row & 7)) << 3);
-}
 
-// Element offset of (row, col) in the epilogue's [rows][kBN] staging tile: 16-byte chunks
-// XOR-swizzled by row % 8 (col's position inside its chunk is kept).
-template <int kBN>
-__device__ __forceinline__ int staged_offset(int row, int col) {
-  return row * kBN + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+// Element offset of (row, col) in a row-major [rows][kCols] bf16 tile whose 16-byte chunks are
+// XOR-swizzled by row % 8: the 8 rows an ldmatrix or a fragment store touches land in 8 different
+// bank groups. Used for the pipeline's [rows][kBK] tiles and the epilogue's [kBM][kBN] tile.
+template <int kCols>
+__device__ __forceinline__ int swizzled(int row, int col) {
+  return row * kCols + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
 }
 
 // Where a linear tile number lands.
@@ -149,7 +146,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   constexpr int kRowsPerPass = kThreads / kChunks;
   constexpr int kRowBytes = kBK * static_cast<int>(sizeof(__nv_bfloat16));
   const int ld_row = tid / kChunks, ld_chunk = tid % kChunks;
-  const uint32_t ld_smem = ld_row * kRowBytes + ((ld_chunk ^ (ld_row & 7)) << 4);
+  const uint32_t ld_smem = swizzled<kBK>(ld_row, ld_chunk * 8) * sizeof(__nv_bfloat16);
   const uint32_t a_smem = shared_address(a_tiles) + ld_smem, w_smem = shared_address(w_tiles) + ld_smem;
   const int64_t pass_stride = static_cast<int64_t>(kRowsPerPass) * k;  // elements between passes
 
@@ -214,7 +211,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         for (int mi = 0; mi < kMmaM; ++mi) {
           // lanes 0-15: rows 0-15 at k 0-7; lanes 16-31: rows 0-15 at k 8-15 -> a0..a3 of the mma
           const int row = warp_m * kWM + mi * 16 + lane % 16;
-          ldmatrix_x4(af[mi], shared_address(sa + swizzle(row, kk * 2 + lane / 16)));
+          ldmatrix_x4(af[mi], shared_address(sa + swizzled<kBK>(row, (kk * 2 + lane / 16) * 8)));
         }
 #pragma unroll
         for (int nj = 0; nj < kMmaN / 2; ++nj) {
@@ -222,7 +219,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
           // (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b0, b1 of two n8 tiles.
           const int row = warp_n * kWN + nj * 16 + lane % 8 + (lane / 16) * 8;
           uint32_t r[4];
-          ldmatrix_x4(r, shared_address(sw + swizzle(row, kk * 2 + (lane / 8) % 2)));
+          ldmatrix_x4(r, shared_address(sw + swizzled<kBK>(row, (kk * 2 + (lane / 8) % 2) * 8)));
           bf[2 * nj][0] = r[0];
           bf[2 * nj][1] = r[1];
           bf[2 * nj + 1][0] = r[2];
@@ -248,9 +245,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       for (int ni = 0; ni < kMmaN; ++ni) {
         const int row = warp_m * kWM + mi * 16 + lane / 4;
         const int col = warp_n * kWN + ni * 8 + (lane % 4) * 2;
-        *reinterpret_cast<__nv_bfloat162*>(staged + staged_offset<kBN>(row, col)) =
+        *reinterpret_cast<__nv_bfloat162*>(staged + swizzled<kBN>(row, col)) =
             __floats2bfloat162_rn(acc[mi][ni][0], acc[mi][ni][1]);
-        *reinterpret_cast<__nv_bfloat162*>(staged + staged_offset<kBN>(row + 8, col)) =
+        *reinterpret_cast<__nv_bfloat162*>(staged + swizzled<kBN>(row + 8, col)) =
             __floats2bfloat162_rn(acc[mi][ni][2], acc[mi][ni][3]);
       }
     }
@@ -264,7 +261,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       const int g_col = t.col_start + col;
       if (g_row < t.row_end && g_col < n) {
         *reinterpret_cast<uint4*>(c + g_row * n + g_col) =
-            *reinterpret_cast<const uint4*>(staged + staged_offset<kBN>(row, col));
+            *reinterpret_cast<const uint4*>(staged + swizzled<kBN>(row, col));
       }
     }
     __syncthreads();  // everyone has read the staged tile before the next tile's loads overwrite it
