@@ -12,6 +12,8 @@ How fast that goes depends on how the work of E ragged segments reaches the GPU:
   shared-memory kernel with fp32 FMAs; it reads the offsets on the host (a sync) to size them;
 - ``tiled``: ``tilemoe.cuda.grouped_gemm(variant="tiled")``, one persistent launch over every
   expert's tiles, tensor cores, a cp.async pipeline; the offsets stay on the device;
+- ``hopper``: ``tilemoe.cuda.grouped_gemm(variant="hopper")``, the same scheduler on sm_90a with
+  TMA copies into an mbarrier ring, wgmma and a warp-specialized producer (lesson 3; H100/H200);
 - ``torch loop``: a Python loop of cuBLAS matmuls, one per expert (the offsets read on the host
   once per call): what most MoE code did before grouped GEMMs;
 - ``grouped_mm``: PyTorch's grouped GEMM (CUTLASS on Hopper), one call for every expert;
@@ -66,8 +68,8 @@ import tilemoe
 from tilemoe import backends, bench, cuda
 from tilemoe.backends.grouped_mm import grouped_mm_op
 
-VARIANTS = ("naive", "tiled", "torch loop", "grouped_mm", "dense ceiling")
-CUDA_VARIANTS = ("naive", "tiled")
+VARIANTS = ("naive", "tiled", "hopper", "torch loop", "grouped_mm", "dense ceiling")
+CUDA_VARIANTS = ("naive", "tiled", "hopper")
 CEILING = "dense ceiling"
 BASELINES = ("torch loop", "grouped_mm", "naive")   # every row's speedup over each, same run
 GEMMS = ("up", "down")
@@ -168,7 +170,7 @@ def variant_fn(name: str, case: Case) -> Callable[[torch.Tensor | None], torch.T
     """The variant as fn(out): every variant but grouped_mm (which has no out=) writes into out."""
     a, w, offsets = case.a, case.w, case.offsets
     if name in CUDA_VARIANTS:
-        # validate=False: tiled then trusts the offsets (no sync); naive reads and checks them anyway.
+        # validate=False: tiled and hopper then trust the offsets (no sync); naive reads and checks them anyway.
         return lambda out: cuda.grouped_gemm(a, w, offsets, variant=name, out=out, validate=False)
     if name == "torch loop":
         return lambda out: torch_loop(a, w, offsets, out)
@@ -182,6 +184,8 @@ def variant_fn(name: str, case: Case) -> Callable[[torch.Tensor | None], torch.T
 
 def why_not(name: str, device: torch.device, dtype: torch.dtype, cfg: tilemoe.MoEConfig) -> str | None:
     """Why this machine cannot run the variant, or None."""
+    if name == "hopper":
+        return cuda.hopper_unavailable_reason(device) if device.type == "cuda" else cuda.unavailable_reason()
     if name in CUDA_VARIANTS:
         return cuda.unavailable_reason()
     if name == "grouped_mm":

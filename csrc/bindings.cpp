@@ -100,6 +100,33 @@ PYBIND11_MODULE(_C, m) {
       "Enqueue the persistent tensor-core grouped GEMM: c[s:t] = a[s:t] @ w[e]^T for every expert, "
       "offsets (E + 1 int32) read on the device; no host sync.");
 
+  m.def(
+      "grouped_gemm_hopper",
+      [](std::uintptr_t a_ptr, std::uintptr_t w_ptr, std::uintptr_t offsets_ptr, std::uintptr_t c_ptr,
+         int64_t m_total, int32_t num_experts, int32_t n, int32_t k, std::uintptr_t stream, int device) {
+        check(cudaSetDevice(device), "grouped_gemm_hopper: cudaSetDevice");
+        check(tilemoe::launch_grouped_gemm_hopper(
+                  as_ptr<const __nv_bfloat16>(a_ptr), as_ptr<const __nv_bfloat16>(w_ptr),
+                  as_ptr<const int32_t>(offsets_ptr), as_ptr<__nv_bfloat16>(c_ptr), m_total, num_experts, n, k,
+                  tilemoe::HopperSchedule::kWarpSpecialized,
+                  reinterpret_cast<cudaStream_t>(stream)),
+              "grouped_gemm_hopper");
+      },
+      py::arg("a_ptr"), py::arg("w_ptr"), py::arg("offsets_ptr"), py::arg("c_ptr"), py::arg("m_total"),
+      py::arg("num_experts"), py::arg("n"), py::arg("k"), py::arg("stream"), py::arg("device"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Enqueue the warp-specialized sm_90a grouped GEMM (TMA, mbarrier ring, wgmma); same contract "
+      "as grouped_gemm_tiled. Raises RuntimeError (cudaErrorNotSupported) off sm_90a.");
+
+  m.def(
+      "grouped_gemm_hopper_supported",
+      [](int device) {
+        check(cudaSetDevice(device), "grouped_gemm_hopper_supported: cudaSetDevice");
+        return tilemoe::grouped_gemm_hopper_supported() == cudaSuccess;
+      },
+      py::arg("device"),
+      "True when `device` can run grouped_gemm_hopper: compute capability 9.0 and a build with 90a.");
+
   m.def("grouped_gemm_max_experts", [] { return tilemoe::kGroupedGemmMaxExperts; },
         "Most experts the tiled grouped GEMM takes (its tile prefix sum lives in shared memory).");
 

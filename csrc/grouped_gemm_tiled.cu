@@ -27,6 +27,7 @@
 // predicated on the row, so it never writes them.
 #include "tilemoe/grouped_gemm.cuh"
 #include "tilemoe/sm80_instructions.cuh"
+#include "tilemoe/tile_scheduler.cuh"
 
 #include <algorithm>
 
@@ -37,8 +38,6 @@ using namespace sm80;  // cp_async_16, ldmatrix_x4, mma_bf16, ...
 
 constexpr int kBK = 64;      // k-step: 64 bf16 = one 128-byte row of a tile per k-step
 constexpr int kChunks = kBK / 8;  // 16-byte chunks per tile row
-constexpr int kGroupM = 8;   // row tiles per L2 group
-constexpr int kPrefixBytes = (kGroupedGemmMaxExperts + 1) * static_cast<int>(sizeof(int));
 
 // A CTA tile of kBM x kBN outputs, computed by kWarpsM x kWarpsN warps, kStages k-steps in flight.
 template <int BM, int BN, int WarpsM, int WarpsN, int Stages, int MinBlocks>
@@ -47,11 +46,12 @@ struct Config {
   static constexpr int kWarpsN = WarpsN, kThreads = 32 * WarpsM * WarpsN;
   static constexpr int kWM = BM / WarpsM, kWN = BN / WarpsN;  // each warp's piece of the tile
   static constexpr int kMmaM = kWM / 16, kMmaN = kWN / 8;      // m16n8k16 instructions per warp per k16
-  static constexpr int kSmemTiles = Stages * (BM + BN) * kBK * static_cast<int>(sizeof(__nv_bfloat16));
-  static constexpr int kSmemBytes = kSmemTiles + kPrefixBytes;
+  // The pipeline's tiles, and the epilogue's C tile staged in the same bytes afterwards.
+  static constexpr int kSmemTiles =
+      (Stages * (BM + BN) * kBK > BM * BN ? Stages * (BM + BN) * kBK : BM * BN) * static_cast<int>(sizeof(__nv_bfloat16));
+  static constexpr int kSmemBytes = kSmemTiles + kTilePrefixBytes;
   static_assert(BM * kChunks % kThreads == 0 && BN * kChunks % kThreads == 0, "loads split evenly");
   static_assert(kMmaN % 2 == 0, "B fragments are loaded two n8 tiles at a time");
-  static_assert(BM * BN <= Stages * (BM + BN) * kBK, "the epilogue stages the C tile in the pipeline's buffers");
 };
 
 
@@ -61,63 +61,6 @@ struct Config {
 template <int kCols>
 __device__ __forceinline__ int swizzled(int row, int col) {
   return row * kCols + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
-}
-
-// Where a linear tile number lands.
-struct Tile {
-  int expert;
-  int64_t row_start, row_end;  // the tile's first row and its expert's end (exclusive)
-  int col_start;
-};
-
-// tile_start[e] = row tiles of experts 0..e-1 (so tile_start[E] = all row tiles); one warp.
-template <int kBM>
-__device__ void build_tile_prefix(const int32_t* __restrict__ offsets, int num_experts, int* tile_start) {
-  const int lane = threadIdx.x % 32;
-  int carry = 0;
-  for (int base = 0; base < num_experts; base += 32) {
-    const int e = base + lane;
-    int tiles = 0;
-    if (e < num_experts) {
-      const int rows = offsets[e + 1] - offsets[e];
-      tiles = rows / kBM + (rows % kBM != 0);  // not (rows + kBM - 1) / kBM: that overflows near 2^31
-    }
-#pragma unroll
-    for (int d = 1; d < 32; d *= 2) {  // inclusive scan across the warp
-      const int up = __shfl_up_sync(0xffffffffu, tiles, d);
-      if (lane >= d) tiles += up;
-    }
-    if (e < num_experts) tile_start[e + 1] = carry + tiles;
-    carry += __shfl_sync(0xffffffffu, tiles, 31);
-  }
-  if (lane == 0) tile_start[0] = 0;
-}
-
-template <int kBM, int kBN>
-__device__ __forceinline__ Tile locate(int64_t tile, int col_tiles, const int* tile_start, int num_experts,
-                                       const int32_t* __restrict__ offsets, int64_t m_total) {
-  // The expert: the first e whose row tiles end after this tile's row tile (empty experts own
-  // no tiles, so they are skipped by the strict comparison).
-  const int row_tile = static_cast<int>(tile / col_tiles);
-  int lo = 0, hi = num_experts - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (tile_start[mid + 1] > row_tile) hi = mid; else lo = mid + 1;
-  }
-  const int e = lo;
-  // Grouped order inside the expert: kGroupM row tiles x every column tile, column-major.
-  const int64_t local = tile - static_cast<int64_t>(tile_start[e]) * col_tiles;
-  const int row_tiles = tile_start[e + 1] - tile_start[e];
-  const int64_t group_width = static_cast<int64_t>(kGroupM) * col_tiles;
-  const int first_row = static_cast<int>(local / group_width) * kGroupM;
-  const int group_rows = min(row_tiles - first_row, kGroupM);
-  const int in_group = static_cast<int>(local % group_width);
-  Tile t;
-  t.expert = e;
-  t.row_start = offsets[e] + static_cast<int64_t>(first_row + in_group % group_rows) * kBM;
-  t.row_end = min(static_cast<int64_t>(offsets[e + 1]), m_total);  // never past a's rows, whatever the offsets say
-  t.col_start = (in_group / group_rows) * kBN;
-  return t;
 }
 
 template <class Cfg>
@@ -196,11 +139,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     }
 
     for (int step = 0; step < k_steps; ++step) {
-      cp_async_wait<kStages - 2>();  // this step's stage has landed (for this thread's copies) ...
-      __syncthreads();               // ... and for everyone's; everyone is done with step - 1's stage
-      const int next = step + kStages - 1;
-      if (next < k_steps) load_stage(next % kStages, next);  // refill the stage step - 1 used
-      cp_async_commit();
+      if constexpr (kStages == 1) {
+        // One buffer: load, wait, compute. Nothing overlaps (lesson 3's first rung). Everyone
+        // must be done with the previous step's math before its only buffer is overwritten.
+        __syncthreads();
+        load_stage(0, step);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+      } else {
+        cp_async_wait<kStages - 2>();  // this step's stage has landed (for this thread's copies) ...
+        __syncthreads();               // ... and for everyone's; everyone is done with step - 1's stage
+        const int next = step + kStages - 1;
+        if (next < k_steps) load_stage(next % kStages, next);  // refill the stage step - 1 used
+        cp_async_commit();
+      }
 
       const __nv_bfloat16* sa = a_tiles + (step % kStages) * kBM * kBK;
       const __nv_bfloat16* sw = w_tiles + (step % kStages) * kBN * kBK;
@@ -315,6 +268,9 @@ using Large = Config<128, 256, 2, 4, 4, 1>;
 using LargeFewerStages = Config<128, 256, 2, 4, 3, 1>;
 // GPUs with about 100 KB per CTA (sm_86, sm_89).
 using Small = Config<128, 128, 2, 4, 2, 1>;
+// Lesson 3's first rungs: Large's tile with one stage (no overlap) and with two (double buffering).
+using OneStage = Config<128, 256, 2, 4, 1, 1>;
+using TwoStages = Config<128, 256, 2, 4, 2, 1>;
 
 }  // namespace
 
@@ -337,6 +293,19 @@ cudaError_t launch_grouped_gemm_tiled(const __nv_bfloat16* a, const __nv_bfloat1
     return launch<LargeFewerStages>(a, w, offsets, c, m_total, num_experts, n, k, stream);
   }
   return launch<Small>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+}
+
+cudaError_t launch_grouped_gemm_pipelined(const __nv_bfloat16* a, const __nv_bfloat16* w,
+                                          const int32_t* offsets, __nv_bfloat16* c, int64_t m_total,
+                                          int32_t num_experts, int32_t n, int32_t k, int stages,
+                                          cudaStream_t stream) {
+  if (num_experts < 1 || num_experts > kGroupedGemmMaxExperts || n <= 0 || k <= 0 || n % 8 || k % 8 ||
+      m_total < 0 || (stages != 1 && stages != 2)) {
+    return cudaErrorInvalidValue;
+  }
+  if (m_total == 0) return cudaSuccess;
+  if (stages == 1) return launch<OneStage>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+  return launch<TwoStages>(a, w, offsets, c, m_total, num_experts, n, k, stream);
 }
 
 }  // namespace tilemoe

@@ -21,6 +21,7 @@ find_package(CUDAToolkit REQUIRED)
 
 add_library(tilemoe_kernels STATIC
   ${CMAKE_CURRENT_LIST_DIR}/expert_counts.cu
+  ${CMAKE_CURRENT_LIST_DIR}/grouped_gemm_hopper.cu
   ${CMAKE_CURRENT_LIST_DIR}/grouped_gemm_naive.cu
   ${CMAKE_CURRENT_LIST_DIR}/grouped_gemm_tiled.cu
   ${CMAKE_CURRENT_LIST_DIR}/mma_peak.cu)

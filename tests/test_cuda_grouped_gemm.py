@@ -26,6 +26,12 @@ def on_gpu(test):
 VARIANTS = tcuda.GROUPED_GEMM_VARIANTS
 
 
+def skip_unless_runs(variant: str) -> None:
+    """Variant "hopper" runs on compute capability 9.0 only; elsewhere its tests skip, saying why."""
+    if variant == "hopper" and (why := tcuda.hopper_unavailable_reason()):
+        pytest.skip(f"variant 'hopper': {why}")
+
+
 def make(counts: list[int], n: int, k: int, device: str = "cuda", seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     rows = sum(counts)
@@ -79,7 +85,7 @@ def _args(**change):
          "w: expected 1 to 1024 experts (shape [E, N, K]), got E = 1025"),
         (dict(a=torch.zeros(24, 8, dtype=torch.bfloat16).t()), ValueError, "a: expected a contiguous tensor, got strides (1, 8)"),
         ({}, ValueError, "a: expected a CUDA tensor, got device cpu"),
-        (dict(variant="fast"), ValueError, "variant: expected one of 'naive', 'tiled', got 'fast'"),
+        (dict(variant="fast"), ValueError, "variant: expected one of 'auto', 'naive', 'tiled', 'hopper', got 'fast'"),
     ],
     ids=["a-list", "a-dtype", "w-dtype", "offsets-dtype", "a-1d", "w-2d", "K-mismatch", "offsets-length", "N-not-8",
          "K-not-8", "too-many-experts", "a-strided", "cpu", "variant"],
@@ -131,6 +137,7 @@ RAGGED = {  # name: (rows per expert, N, K)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", list(RAGGED))
 def test_every_element_matches_fp32(case, variant):
+    skip_unless_runs(variant)
     counts, n, k = RAGGED[case]
     a, w, offsets = make(counts, n, k, seed=len(case))
     out = torch.full((a.shape[0], n), float("nan"), dtype=torch.bfloat16, device="cuda")
@@ -142,6 +149,7 @@ def test_every_element_matches_fp32(case, variant):
 @on_gpu
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_real_shape(variant):
+    skip_unless_runs(variant)
     # OLMoE's up-projection at 2000 tokens, top-8 over 64 experts, routed for real
     cfg = tilemoe.get_preset("olmoe-1b-7b")
     x = torch.randn(2000, cfg.hidden, device="cuda").bfloat16()
@@ -153,30 +161,34 @@ def test_real_shape(variant):
 
 
 @on_gpu
-def test_rows_past_the_last_offset_are_not_written():
+@pytest.mark.parametrize("variant", ["tiled", "hopper"])
+def test_rows_past_the_last_offset_are_not_written(variant):
+    skip_unless_runs(variant)
     a, w, offsets = make([10, 0, 20], 64, 64)
     short = offsets.clone()
     short[-1] = 25  # the last expert keeps 15 of its 20 rows; rows 25..29 are "dropped slots"
     out = torch.full((30, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
-    tcuda.grouped_gemm(a, w, short, out=out, validate=False)
+    tcuda.grouped_gemm(a, w, short, out=out, validate=False, variant=variant)
     assert out[25:].isnan().all() and not out[:25].isnan().any()
     assert_every_element_close(out[:25], reference(a[:25], w, short))
 
 
 @on_gpu
-def test_tiled_without_validation_never_syncs_and_captures_in_a_graph():
+@pytest.mark.parametrize("variant", ["tiled", "hopper"])
+def test_without_validation_never_syncs_and_captures_in_a_graph(variant):
+    skip_unless_runs(variant)
     a, w, offsets = make([40, 0, 300, 7], 128, 64)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        c = tcuda.grouped_gemm(a, w, offsets, validate=False)
+        c = tcuda.grouped_gemm(a, w, offsets, validate=False, variant=variant)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     out = torch.empty_like(c)
-    tcuda.grouped_gemm(a, w, offsets, out=out, validate=False)  # warm up outside the capture
+    tcuda.grouped_gemm(a, w, offsets, out=out, validate=False, variant=variant)  # warm up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        tcuda.grouped_gemm(a, w, offsets, out=out, validate=False)
+        tcuda.grouped_gemm(a, w, offsets, out=out, validate=False, variant=variant)
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
@@ -206,10 +218,37 @@ def test_misaligned_views_are_named(name):
 )
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bad_offsets_are_named(values, message, variant):
+    skip_unless_runs(variant)
     a, w, _ = make([3, 5], 16, 16)
     with pytest.raises(ValueError) as err:
         tcuda.grouped_gemm(a, w, torch.tensor(values, dtype=torch.int32, device="cuda"), variant=variant)
     assert str(err.value) == message
+
+
+@on_gpu
+def test_hopper_at_real_sizes_with_many_tiles_per_cta():
+    # 64 experts x ~2000 rows, N = 2048, K = 2048: ~1100 tiles over 132 CTAs, 32 k-steps through
+    # a ring of 4 stages, so every barrier changes phase many times within a tile and across tiles.
+    skip_unless_runs("hopper")
+    counts = [int(c) for c in torch.randint(1500, 2500, (64,), generator=torch.Generator().manual_seed(3))]
+    counts[5] = 0
+    counts[9] = 1
+    a, w, offsets = make(counts, 2048, 2048, seed=4)
+    out = torch.full((a.shape[0], 2048), float("nan"), dtype=torch.bfloat16, device="cuda")
+    tcuda.grouped_gemm(a, w, offsets, variant="hopper", out=out)
+    assert_every_element_close(out, reference(a, w, offsets))
+
+
+@on_gpu
+def test_auto_is_hopper_on_sm90_and_tiled_elsewhere(monkeypatch):
+    a, w, offsets = make([40, 0, 300, 7], 128, 64)
+    expected = "tiled" if tcuda.hopper_unavailable_reason() else "hopper"
+    assert torch.equal(tcuda.grouped_gemm(a, w, offsets), tcuda.grouped_gemm(a, w, offsets, variant=expected))
+    monkeypatch.setattr(tcuda, "hopper_unavailable_reason", lambda device=None: "compute capability 8.0, planted")
+    assert torch.equal(tcuda.grouped_gemm(a, w, offsets), tcuda.grouped_gemm(a, w, offsets, variant="tiled"))
+    with pytest.raises(ValueError, match=r"variant: expected a variant this GPU runs \('hopper' needs sm_90a\), "
+                                         r"got 'hopper': compute capability 8.0, planted"):
+        tcuda.grouped_gemm(a, w, offsets, variant="hopper")
 
 
 # %% The mma.sync probe ---------------------------------------------------------------------------

@@ -26,7 +26,10 @@ try:
 except ImportError:  # built without nvcc: the pure-Python install
     _C = None
 
-__all__ = ["available", "unavailable_reason", "expert_counts", "grouped_gemm", "GROUPED_GEMM_VARIANTS", "mma_peak_probe"]
+__all__ = [
+    "available", "unavailable_reason", "expert_counts", "grouped_gemm", "GROUPED_GEMM_VARIANTS",
+    "hopper_unavailable_reason", "mma_peak_probe",
+]
 
 _INT32_MAX = 2**31 - 1
 
@@ -114,8 +117,10 @@ def expert_counts(
 
 # "naive": one launch per expert of a shared-memory tiled kernel with fp32 FMAs (the sequential
 # baseline; it reads the offsets on the host). "tiled": one persistent launch over every
-# expert's tiles, tensor cores (mma.sync), a cp.async pipeline; no host sync.
-GROUPED_GEMM_VARIANTS = ("naive", "tiled")
+# expert's tiles, tensor cores (mma.sync), a cp.async pipeline; no host sync. "hopper": the same
+# scheduler on sm_90a, TMA copies into an mbarrier ring, wgmma, a warp-specialized producer.
+# "auto": "hopper" where it runs (hopper_unavailable_reason), else "tiled".
+GROUPED_GEMM_VARIANTS = ("auto", "naive", "tiled", "hopper")
 # The tiled kernel keeps every expert's tile prefix sum in shared memory.
 MAX_EXPERTS = 1024
 # The naive kernel puts its 32-column tiles in gridDim.y (at most 65535).
@@ -127,7 +132,7 @@ def grouped_gemm(
     w: torch.Tensor,
     offsets: torch.Tensor,
     *,
-    variant: str = "tiled",
+    variant: str = "auto",
     out: torch.Tensor | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
@@ -140,10 +145,12 @@ def grouped_gemm(
         offsets: [E + 1] int32 on a's device, contiguous: ``offsets[0] = 0``, non-decreasing,
             ``offsets[E] = M`` (a Routing's ``offsets``). An expert may have no rows.
         variant: one of GROUPED_GEMM_VARIANTS. "naive" copies the offsets to the host (one sync)
-            to size its per-expert launches; "tiled" reads them on the device.
+            to size its per-expert launches; "tiled" and "hopper" read them on the device.
+            "hopper" needs a compute capability 9.0 GPU and a build with the 90a target; "auto"
+            takes it there and "tiled" elsewhere.
         out: [M, N] bfloat16 to write into (contiguous, a's device), or None for a new tensor.
         validate: check the offsets' values first (one host sync). With validate=False "tiled"
-            trusts them (a hot path, CUDA-graph capture): ``offsets[E]`` may then be below M, and
+            and "hopper" trust them (a hot path, CUDA-graph capture): ``offsets[E]`` may then be below M, and
             rows from offsets[E] on are left unwritten, as torch grouped_mm does. "naive" reads
             and checks them on the host either way.
 
@@ -207,16 +214,50 @@ def grouped_gemm(
     if capability < (8, 0):
         checks.fail("a", "a tensor on a GPU of compute capability >= 8.0 (mma.sync bf16, cp.async)",
                     f"{a.device}, compute capability {capability[0]}.{capability[1]}")
+    if variant == "auto":
+        variant = "tiled" if hopper_unavailable_reason(a.device) else "hopper"
+    elif variant == "hopper" and (why := hopper_unavailable_reason(a.device)):
+        checks.fail("variant", "a variant this GPU runs ('hopper' needs sm_90a)", f"'hopper': {why}")
     host_offsets = offsets.tolist() if (validate or variant == "naive") else None  # the one sync
     if host_offsets is not None:  # read anyway: checking costs nothing more
         _check_offsets(host_offsets, rows)
     stream = torch.cuda.current_stream(a.device).cuda_stream
     if variant == "naive":
         _C.grouped_gemm_naive(a.data_ptr(), w.data_ptr(), host_offsets, out.data_ptr(), n, k, stream, a.device.index)
+    elif variant == "hopper":
+        _C.grouped_gemm_hopper(a.data_ptr(), w.data_ptr(), offsets.data_ptr(), out.data_ptr(), rows, num_experts,
+                               n, k, stream, a.device.index)
     else:
         _C.grouped_gemm_tiled(a.data_ptr(), w.data_ptr(), offsets.data_ptr(), out.data_ptr(), rows, num_experts,
                               n, k, stream, a.device.index)
     return out
+
+
+_hopper_reasons: dict[int, str | None] = {}
+
+
+def hopper_unavailable_reason(device: torch.device | str | None = None) -> str | None:
+    """Why variant "hopper" cannot run on this CUDA device (default: the current one), or None.
+
+    It needs tilemoe._C, a GPU of compute capability 9.0 (H100/H200: wgmma and setmaxnreg exist
+    only there, not on Blackwell) and a build that includes the 90a target. Cached per device."""
+    if why := unavailable_reason():
+        return why
+    device = torch.device("cuda") if device is None else torch.device(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _hopper_reasons:
+        capability = torch.cuda.get_device_capability(index)
+        archs = _C.cuda_archs().split(";")
+        if capability != (9, 0):
+            why = f"compute capability {capability[0]}.{capability[1]}, and the Hopper kernel needs 9.0"
+        elif "90a" not in archs:
+            why = f"tilemoe._C was built for {';'.join(archs)}, without 90a (set CUDAARCHS=90a and reinstall)"
+        elif not _C.grouped_gemm_hopper_supported(index):
+            why = "the CUDA runtime reports no sm_90a kernel image for this device"
+        else:
+            why = None
+        _hopper_reasons[index] = why
+    return _hopper_reasons[index]
 
 
 def _check_offsets(values: list[int], rows: int) -> None:

@@ -1,0 +1,321 @@
+// The Hopper grouped GEMM (sm_90a): TMA loads into a ring of shared-memory stages guarded by
+// mbarriers, wgmma on the tensor cores, and, in the warp-specialized schedule, a producer warp
+// that only moves data while two consumer warpgroups only compute.
+//
+// The tile is 128 x 256 outputs, k-steps of 64. Each stage holds A's 128 x 64 slice (16 KB) and
+// W's 256 x 64 slice (32 KB); four stages fill 192 KB of shared memory. The tile scheduler is
+// the tiled kernel's (tilemoe/tile_scheduler.cuh): persistent CTAs, a device-side prefix sum of
+// the experts' row tiles, a grouped L2 order.
+//
+// Two schedules, lesson 3's last two rungs:
+//   kTmaRing:         two warpgroups compute; thread 0 also issues the TMA copies, kStages k-steps
+//                     ahead. It refills a stage once every warp has finished reading it, so the
+//                     copy issue sits inside the compute warps, and a tile's first copies wait
+//                     for the previous tile's epilogue.
+//   kWarpSpecialized: a third warpgroup produces (one thread issues the copies, the rest give
+//                     their registers to the consumers with setmaxnreg). It waits only on "stage
+//                     free" barriers, so it runs ahead across tiles: while the consumers store one
+//                     tile, the next tile's first stages are already landing.
+//
+// Ragged rows. A's tensor map covers all M rows, so the last row tile of an expert also loads
+// the first rows of the next expert (or zeros past M). Row i of C depends only on row i of A,
+// so those rows produce outputs of their own that the epilogue's row mask discards: a tile never
+// writes outside its expert's rows, and no output it writes mixes in another expert's rows. The
+// alternative, one tensor map per expert bounded at its last row, would need the offsets on the
+// host (a sync, and no CUDA graphs) or rewriting maps on the device, and would still spend the
+// same MMA work on zero rows. W's map is 3-D [E, N, K], so a column tile past N reads zeros
+// rather than the next expert's weights; K past the end reads zeros in both.
+#include "tilemoe/grouped_gemm.cuh"
+#include "tilemoe/sm90_instructions.cuh"
+#include "tilemoe/tile_scheduler.cuh"
+
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+#include <algorithm>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "grouped_gemm_hopper.cu needs the sm_90a target (CMAKE_CUDA_ARCHITECTURES 90a), not plain 90: wgmma is sm_90a-only"
+#endif
+
+namespace tilemoe {
+namespace {
+
+using namespace sm90;
+
+constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4;
+constexpr int kConsumers = 2;  // consumer warpgroups, 64 of the tile's rows each
+constexpr int kATileBytes = kBM * kBK * 2, kWTileBytes = kBN * kBK * 2;
+constexpr int kStageBytes = kATileBytes + kWTileBytes;  // what one k-step's two copies deliver
+// 1024 bytes of slack to align the tiles (the 128-byte swizzle repeats every 1024 bytes).
+constexpr int kSmemBytes = 1024 + kStages * kStageBytes + 2 * kStages * 8 + kTilePrefixBytes;
+
+constexpr int threads(HopperSchedule schedule) {
+  return 128 * (kConsumers + (schedule == HopperSchedule::kWarpSpecialized ? 1 : 0));
+}
+
+#ifdef TILEMOE_SM90A  // the kernel's device helpers; other targets compile an empty kernel, never launched
+// The pieces of dynamic shared memory.
+struct Shared {
+  __nv_bfloat16* a;  // [kStages][kBM][kBK], 128-byte swizzled rows (TMA writes them so)
+  __nv_bfloat16* w;  // [kStages][kBN][kBK]
+  uint64_t* full;    // [kStages]: the stage's bytes have landed
+  uint64_t* empty;   // [kStages]: every consumer warp is done reading the stage
+  int* tile_start;   // [E + 1]: the scheduler's prefix sum
+};
+
+__device__ __forceinline__ Shared carve(unsigned char* raw) {
+  const uint32_t base = shared_address(raw);
+  unsigned char* aligned = raw + ((1024 - base % 1024) % 1024);
+  Shared s;
+  s.a = reinterpret_cast<__nv_bfloat16*>(aligned);
+  s.w = reinterpret_cast<__nv_bfloat16*>(aligned + kStages * kATileBytes);
+  s.full = reinterpret_cast<uint64_t*>(aligned + kStages * kStageBytes);
+  s.empty = s.full + kStages;
+  s.tile_start = reinterpret_cast<int*>(s.empty + kStages);
+  return s;
+}
+
+// A position in the ring: which stage, and the parity of its current lap.
+struct RingPosition {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+#endif  // TILEMOE_SM90A
+
+template <HopperSchedule kSchedule>
+__global__ void __launch_bounds__(threads(kSchedule), 1)
+    grouped_gemm_hopper_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
+                               const int32_t* __restrict__ offsets, __nv_bfloat16* __restrict__ c, int64_t m_total,
+                               int num_experts, int n, int k) {
+#ifdef TILEMOE_SM90A
+  constexpr bool kWarpSpecialized = kSchedule == HopperSchedule::kWarpSpecialized;
+  extern __shared__ unsigned char raw[];
+  const Shared s = carve(raw);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warpgroup = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStages; ++i) {
+      mbarrier_init(&s.full[i], 1);                // the producer's arrive (plus the bytes)
+      mbarrier_init(&s.empty[i], kConsumers * 4);  // one arrive per consumer warp
+    }
+    fence_barrier_init();
+  }
+  if (warp == 0) build_tile_prefix<kBM>(offsets, num_experts, s.tile_start);
+  __syncthreads();
+
+  const int col_tiles = (n + kBN - 1) / kBN;
+  const int64_t num_tiles = static_cast<int64_t>(s.tile_start[num_experts]) * col_tiles;
+  const int k_steps = (k + kBK - 1) / kBK;
+
+  // Fill one stage with k-step `step` of tile t: announce the bytes, then two TMA copies.
+  auto load = [&](const Tile& t, int step, RingPosition& fill) {
+    mbarrier_wait(&s.empty[fill.stage], fill.phase ^ 1);  // the stage's previous k-step is consumed
+    mbarrier_arrive_expect_tx(&s.full[fill.stage], kStageBytes);
+    tma_load_2d(s.a + fill.stage * kBM * kBK, &a_map, &s.full[fill.stage], step * kBK, static_cast<int>(t.row_start));
+    tma_load_3d(s.w + fill.stage * kBN * kBK, &w_map, &s.full[fill.stage], step * kBK, t.col_start, t.expert);
+    fill.advance();
+  };
+
+  if constexpr (kWarpSpecialized) {
+    if (warpgroup == 0) {  // the producer
+      setmaxnreg_dec<40>();
+      if (threadIdx.x == 0) {
+        RingPosition fill;
+        for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+          const Tile t = locate<kBM, kBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
+          for (int step = 0; step < k_steps; ++step) load(t, step, fill);
+        }
+      }
+      return;
+    }
+    setmaxnreg_inc<232>();
+  }
+
+  const int consumer = kWarpSpecialized ? warpgroup - 1 : warpgroup;  // rows 64 * consumer ... + 63
+  RingPosition read, fill;  // fill: thread 0's copies (kTmaRing only)
+  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const Tile t = locate<kBM, kBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
+    if constexpr (!kWarpSpecialized) {
+      if (threadIdx.x == 0) {
+        for (int step = 0; step < min(kStages, k_steps); ++step) load(t, step, fill);
+      }
+    }
+
+    float acc[128];
+    int previous = 0;  // the stage of the k-step before this one
+    for (int step = 0; step < k_steps; ++step) {
+      mbarrier_wait(&s.full[read.stage], read.phase);
+      const uint64_t a_desc = tile_descriptor(s.a + read.stage * kBM * kBK + consumer * 64 * kBK);
+      const uint64_t w_desc = tile_descriptor(s.w + read.stage * kBN * kBK);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBK / 16; ++kk) {  // four k16 slices: +32 bytes each
+        wgmma_m64n256k16(acc, a_desc + 2 * kk, w_desc + 2 * kk, step > 0 || kk > 0);
+      }
+      wgmma_commit();
+      if constexpr (kWarpSpecialized) {
+        // Keep this k-step's wgmmas running; wait only for the previous k-step's, whose stage
+        // is then free for the producer.
+        wgmma_wait<1>();
+        if (step > 0 && lane == 0) mbarrier_arrive(&s.empty[previous]);
+      } else {
+        wgmma_wait<0>();
+        if (lane == 0) mbarrier_arrive(&s.empty[read.stage]);
+        // Thread 0 refills this stage once all eight warps are done with it.
+        if (threadIdx.x == 0 && step + kStages < k_steps) load(t, step + kStages, fill);
+      }
+      previous = read.stage;
+      read.advance();
+    }
+    if constexpr (kWarpSpecialized) {
+      wgmma_wait<0>();
+      if (lane == 0) mbarrier_arrive(&s.empty[previous]);
+    }
+    fence_accumulators(acc);
+
+    // Epilogue: each thread's accumulators are pairs of adjacent columns in two rows; store them
+    // as bf16 pairs, masked to the expert's rows and to N (a multiple of 8, so a pair is wholly
+    // inside or outside).
+    const int row = consumer * 64 + (warp % 4) * 16 + lane / 4;
+    const int64_t row0 = t.row_start + row, row1 = row0 + 8;
+    const bool ok0 = row0 < t.row_end, ok1 = row1 < t.row_end;
+    const int col0 = t.col_start + 2 * (lane % 4);
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+      const int col = col0 + 8 * j;
+      if (col < n) {
+        if (ok0) {
+          *reinterpret_cast<__nv_bfloat162*>(c + row0 * n + col) = __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
+        }
+        if (ok1) {
+          *reinterpret_cast<__nv_bfloat162*>(c + row1 * n + col) =
+              __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+        }
+      }
+    }
+  }
+#endif  // TILEMOE_SM90A
+}
+
+// cuTensorMapEncodeTiled lives in the driver (libcuda); the runtime hands out its address, so
+// nothing links libcuda directly.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encoder;
+}
+
+// A bf16 tensor map over a row-major tensor: dims innermost first (K first), boxes of
+// box[0] x box[1] (x 1) elements, 128-byte swizzle to match tile_descriptor.
+cudaError_t encode(CUtensorMap* map, const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides,
+                   const cuuint32_t* box) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encoder = tensor_map_encoder();
+  if (encoder == nullptr) return cudaErrorNotSupported;
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult result =
+      encoder(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, const_cast<void*>(base), dims, strides, box,
+              element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// The SMs of the device, once per device and schedule (with the shared-memory limit raised), or
+// cudaErrorNotSupported when this GPU cannot run the kernel: not compute capability 9.0, or this
+// library was built without the sm_90a target.
+template <HopperSchedule kSchedule>
+cudaError_t persistent_ctas(int* ctas) {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxDevices && cached[device] > 0) {
+    *ctas = cached[device];
+    return cudaSuccess;
+  }
+  int major = 0, minor = 0, sms = 0;
+  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  if (major != 9 || minor != 0) return cudaErrorNotSupported;
+  cudaFuncAttributes attributes;
+  err = cudaFuncGetAttributes(&attributes, grouped_gemm_hopper_kernel<kSchedule>);
+  if (err == cudaErrorInvalidDeviceFunction || err == cudaErrorNoKernelImageForDevice) {
+    (void)cudaGetLastError();  // not built for this GPU: clear the error, report "not supported"
+    return cudaErrorNotSupported;
+  }
+  if (err != cudaSuccess) return err;
+  if (attributes.binaryVersion != 90) return cudaErrorNotSupported;  // e.g. sm_80 code JIT-compiled
+  err = cudaFuncSetAttribute(grouped_gemm_hopper_kernel<kSchedule>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             kSmemBytes);
+  if (err != cudaSuccess) return err;
+  *ctas = sms;  // 192 KB of stages: one CTA per SM
+  if (device < kMaxDevices) cached[device] = *ctas;
+  return cudaSuccess;
+}
+
+template <HopperSchedule kSchedule>
+cudaError_t launch(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t* offsets, __nv_bfloat16* c,
+                   int64_t m_total, int32_t num_experts, int32_t n, int32_t k, cudaStream_t stream) {
+  int ctas = 0;
+  cudaError_t err = persistent_ctas<kSchedule>(&ctas);
+  if (err != cudaSuccess) return err;
+  // The tensor maps: built on the host for every call (a few microseconds, no sync), passed to
+  // the kernel by value as __grid_constant__ parameters.
+  CUtensorMap a_map, w_map;
+  const cuuint64_t a_dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(m_total)};
+  const cuuint64_t a_strides[1] = {static_cast<cuuint64_t>(k) * 2};
+  const cuuint32_t a_box[2] = {kBK, kBM};
+  const cuuint64_t w_dims[3] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(n),
+                                static_cast<cuuint64_t>(num_experts)};
+  const cuuint64_t w_strides[2] = {static_cast<cuuint64_t>(k) * 2, static_cast<cuuint64_t>(n) * k * 2};
+  const cuuint32_t w_box[3] = {kBK, kBN, 1};
+  err = encode(&a_map, a, 2, a_dims, a_strides, a_box);
+  if (err == cudaSuccess) err = encode(&w_map, w, 3, w_dims, w_strides, w_box);
+  if (err != cudaSuccess) return err;
+  const int64_t col_tiles = (n + kBN - 1) / kBN;
+  const int64_t max_tiles = (m_total / kBM + num_experts) * col_tiles;
+  const int grid = static_cast<int>(std::min<int64_t>(ctas, max_tiles));
+  grouped_gemm_hopper_kernel<kSchedule><<<grid, threads(kSchedule), kSmemBytes, stream>>>(
+      a_map, w_map, offsets, c, m_total, num_experts, n, k);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_grouped_gemm_hopper(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t* offsets,
+                                       __nv_bfloat16* c, int64_t m_total, int32_t num_experts, int32_t n,
+                                       int32_t k, HopperSchedule schedule, cudaStream_t stream) {
+  if (num_experts < 1 || num_experts > kGroupedGemmMaxExperts || n <= 0 || k <= 0 || n % 8 || k % 8 ||
+      m_total < 0 || m_total > INT32_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  if (m_total == 0) return cudaSuccess;
+  if (schedule == HopperSchedule::kTmaRing) {
+    return launch<HopperSchedule::kTmaRing>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+  }
+  return launch<HopperSchedule::kWarpSpecialized>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+}
+
+cudaError_t grouped_gemm_hopper_supported() {
+  int ctas = 0;
+  return persistent_ctas<HopperSchedule::kWarpSpecialized>(&ctas);
+}
+
+}  // namespace tilemoe
