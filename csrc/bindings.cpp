@@ -108,15 +108,16 @@ PYBIND11_MODULE(_C, m) {
         check(tilemoe::launch_grouped_gemm_hopper(
                   as_ptr<const __nv_bfloat16>(a_ptr), as_ptr<const __nv_bfloat16>(w_ptr),
                   as_ptr<const int32_t>(offsets_ptr), as_ptr<__nv_bfloat16>(c_ptr), m_total, num_experts, n, k,
-                  tilemoe::HopperSchedule::kWarpSpecialized,
+                  tilemoe::HopperKernel::kAsyncStore,
                   reinterpret_cast<cudaStream_t>(stream)),
               "grouped_gemm_hopper");
       },
       py::arg("a_ptr"), py::arg("w_ptr"), py::arg("offsets_ptr"), py::arg("c_ptr"), py::arg("m_total"),
       py::arg("num_experts"), py::arg("n"), py::arg("k"), py::arg("stream"), py::arg("device"),
       py::call_guard<py::gil_scoped_release>(),
-      "Enqueue the warp-specialized sm_90a grouped GEMM (TMA, mbarrier ring, wgmma); same contract "
-      "as grouped_gemm_tiled. Raises RuntimeError (cudaErrorNotSupported) off sm_90a.");
+      "Enqueue the sm_90a grouped GEMM (TMA, mbarrier ring, wgmma, warp-specialized, TMA-store "
+      "epilogue); same contract as grouped_gemm_tiled with c 16-byte aligned."
+      " Raises RuntimeError (cudaErrorNotSupported) off sm_90a.");
 
   m.def(
       "grouped_gemm_hopper_supported",

@@ -1,30 +1,35 @@
 // The Hopper grouped GEMM (sm_90a): TMA loads into a ring of shared-memory stages guarded by
-// mbarriers, wgmma on the tensor cores, and, in the warp-specialized schedule, a producer warp
+// mbarriers, wgmma on the tensor cores, and, in the warp-specialized kernels, a producer warp
 // that only moves data while two consumer warpgroups only compute.
 //
 // The tile is 128 x 256 outputs, k-steps of 64. Each stage holds A's 128 x 64 slice (16 KB) and
-// W's 256 x 64 slice (32 KB); four stages fill 192 KB of shared memory. The tile scheduler is
-// the tiled kernel's (tilemoe/tile_scheduler.cuh): persistent CTAs, a device-side prefix sum of
-// the experts' row tiles, a grouped L2 order.
+// W's 256 x 64 slice (32 KB). The tile scheduler is the tiled kernel's
+// (tilemoe/tile_scheduler.cuh): persistent CTAs, a device-side prefix sum of the experts' row
+// tiles, a grouped L2 order. Three kernels, lesson 3's last three rungs:
 //
-// Two schedules, lesson 3's last two rungs:
 //   kTmaRing:         two warpgroups compute; thread 0 also issues the TMA copies, kStages k-steps
-//                     ahead. It refills a stage once every warp has finished reading it, so the
-//                     copy issue sits inside the compute warps, and a tile's first copies wait
-//                     for the previous tile's epilogue.
+//                     ahead (4 stages, 192 KB). It refills a stage once every warp has finished
+//                     reading it, so the copy issue sits inside the compute warps, and a tile's
+//                     first copies wait for the previous tile's epilogue.
 //   kWarpSpecialized: a third warpgroup produces (one thread issues the copies, the rest give
 //                     their registers to the consumers with setmaxnreg). It waits only on "stage
 //                     free" barriers, so it runs ahead across tiles: while the consumers store one
 //                     tile, the next tile's first stages are already landing.
+//   kAsyncStore:      kWarpSpecialized whose consumers do not store C themselves: they write the
+//                     tile to shared memory and one thread hands it to the copy engine (TMA
+//                     store), then they go straight on to the next tile's wgmmas. The 64 KB of
+//                     staging cost a stage: 3 stages.
 //
 // Ragged rows. A's tensor map covers all M rows, so the last row tile of an expert also loads
 // the first rows of the next expert (or zeros past M). Row i of C depends only on row i of A,
-// so those rows produce outputs of their own that the epilogue's row mask discards: a tile never
-// writes outside its expert's rows, and no output it writes mixes in another expert's rows. The
+// so those rows produce outputs of their own that the epilogue discards: a tile never writes
+// outside its expert's rows, and no output it writes mixes in another expert's rows. The
 // alternative, one tensor map per expert bounded at its last row, would need the offsets on the
 // host (a sync, and no CUDA graphs) or rewriting maps on the device, and would still spend the
 // same MMA work on zero rows. W's map is 3-D [E, N, K], so a column tile past N reads zeros
-// rather than the next expert's weights; K past the end reads zeros in both.
+// rather than the next expert's weights; K past the end reads zeros in both. A TMA store writes
+// its whole box (clipped only at the tensor's edges), so kAsyncStore uses it only for row blocks
+// wholly inside the expert; an expert's last, partial block goes out by masked 16-byte stores.
 #include "tilemoe/grouped_gemm.cuh"
 #include "tilemoe/sm90_instructions.cuh"
 #include "tilemoe/tile_scheduler.cuh"
@@ -42,40 +47,47 @@ namespace {
 
 using namespace sm90;
 
-constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4;
+constexpr int kBM = 128, kBN = 256, kBK = 64;
 constexpr int kConsumers = 2;  // consumer warpgroups, 64 of the tile's rows each
 constexpr int kATileBytes = kBM * kBK * 2, kWTileBytes = kBN * kBK * 2;
 constexpr int kStageBytes = kATileBytes + kWTileBytes;  // what one k-step's two copies deliver
-// 1024 bytes of slack to align the tiles (the 128-byte swizzle repeats every 1024 bytes).
-constexpr int kSmemBytes = 1024 + kStages * kStageBytes + 2 * kStages * 8 + kTilePrefixBytes;
+constexpr int kStoreBox = 64;                           // TMA store boxes of 64 x 64 (128-byte rows)
 
-constexpr int threads(HopperSchedule schedule) {
-  return 128 * (kConsumers + (schedule == HopperSchedule::kWarpSpecialized ? 1 : 0));
+__host__ __device__ constexpr bool warp_specialized(HopperKernel kernel) { return kernel != HopperKernel::kTmaRing; }
+__host__ __device__ constexpr bool async_store(HopperKernel kernel) { return kernel == HopperKernel::kAsyncStore; }
+__host__ __device__ constexpr int stages(HopperKernel kernel) { return async_store(kernel) ? 3 : 4; }
+__host__ __device__ constexpr int staging_bytes(HopperKernel kernel) { return async_store(kernel) ? kBM * kBN * 2 : 0; }
+// 1024 bytes of slack to align the tiles (the 128-byte swizzle repeats every 1024 bytes).
+constexpr int smem_bytes(HopperKernel kernel) {
+  return 1024 + stages(kernel) * kStageBytes + staging_bytes(kernel) + 2 * stages(kernel) * 8 + kTilePrefixBytes;
 }
+constexpr int threads(HopperKernel kernel) { return 128 * (kConsumers + (warp_specialized(kernel) ? 1 : 0)); }
 
 #ifdef TILEMOE_SM90A  // the kernel's device helpers; other targets compile an empty kernel, never launched
 // The pieces of dynamic shared memory.
+template <HopperKernel kKernel>
 struct Shared {
-  __nv_bfloat16* a;  // [kStages][kBM][kBK], 128-byte swizzled rows (TMA writes them so)
-  __nv_bfloat16* w;  // [kStages][kBN][kBK]
-  uint64_t* full;    // [kStages]: the stage's bytes have landed
-  uint64_t* empty;   // [kStages]: every consumer warp is done reading the stage
-  int* tile_start;   // [E + 1]: the scheduler's prefix sum
+  static constexpr int kStages = stages(kKernel);
+  __nv_bfloat16* a;        // [kStages][kBM][kBK], 128-byte swizzled rows (TMA writes them so)
+  __nv_bfloat16* w;        // [kStages][kBN][kBK]
+  __nv_bfloat16* staging;  // kAsyncStore: per consumer, [kBN / 64][64][64] swizzled store boxes
+  uint64_t* full;          // [kStages]: the stage's bytes have landed
+  uint64_t* empty;         // [kStages]: every consumer warp is done reading the stage
+  int* tile_start;         // [E + 1]: the scheduler's prefix sum
+
+  __device__ __forceinline__ explicit Shared(unsigned char* raw) {
+    unsigned char* aligned = raw + (1024 - shared_address(raw) % 1024) % 1024;
+    a = reinterpret_cast<__nv_bfloat16*>(aligned);
+    w = reinterpret_cast<__nv_bfloat16*>(aligned + kStages * kATileBytes);
+    staging = reinterpret_cast<__nv_bfloat16*>(aligned + kStages * kStageBytes);
+    full = reinterpret_cast<uint64_t*>(aligned + kStages * kStageBytes + staging_bytes(kKernel));
+    empty = full + kStages;
+    tile_start = reinterpret_cast<int*>(empty + kStages);
+  }
 };
 
-__device__ __forceinline__ Shared carve(unsigned char* raw) {
-  const uint32_t base = shared_address(raw);
-  unsigned char* aligned = raw + ((1024 - base % 1024) % 1024);
-  Shared s;
-  s.a = reinterpret_cast<__nv_bfloat16*>(aligned);
-  s.w = reinterpret_cast<__nv_bfloat16*>(aligned + kStages * kATileBytes);
-  s.full = reinterpret_cast<uint64_t*>(aligned + kStages * kStageBytes);
-  s.empty = s.full + kStages;
-  s.tile_start = reinterpret_cast<int*>(s.empty + kStages);
-  return s;
-}
-
 // A position in the ring: which stage, and the parity of its current lap.
+template <int kStages>
 struct RingPosition {
   int stage = 0;
   uint32_t phase = 0;
@@ -87,17 +99,25 @@ struct RingPosition {
   }
 };
 
+// Element offset of (row, col) in a [rows][64] bf16 box stored with the 128-byte swizzle: the
+// 16-byte chunk index is XORed with row % 8, as the copy engine expects (and bank-conflict free
+// for the 8 rows a warp's fragment store touches).
+__device__ __forceinline__ int box_offset(int row, int col) {
+  return row * kStoreBox + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
+}
 #endif  // TILEMOE_SM90A
 
-template <HopperSchedule kSchedule>
-__global__ void __launch_bounds__(threads(kSchedule), 1)
+template <HopperKernel kKernel>
+__global__ void __launch_bounds__(threads(kKernel), 1)
     grouped_gemm_hopper_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
-                               const int32_t* __restrict__ offsets, __nv_bfloat16* __restrict__ c, int64_t m_total,
-                               int num_experts, int n, int k) {
+                               const __grid_constant__ CUtensorMap c_map, const int32_t* __restrict__ offsets,
+                               __nv_bfloat16* __restrict__ c, int64_t m_total, int num_experts, int n, int k) {
 #ifdef TILEMOE_SM90A
-  constexpr bool kWarpSpecialized = kSchedule == HopperSchedule::kWarpSpecialized;
+  constexpr int kStages = stages(kKernel);
+  constexpr bool kWarpSpecialized = warp_specialized(kKernel), kAsyncStore = async_store(kKernel);
+  using Ring = RingPosition<kStages>;
   extern __shared__ unsigned char raw[];
-  const Shared s = carve(raw);
+  const Shared<kKernel> s(raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warpgroup = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -114,9 +134,10 @@ __global__ void __launch_bounds__(threads(kSchedule), 1)
   const int64_t num_tiles = static_cast<int64_t>(s.tile_start[num_experts]) * col_tiles;
   const int k_steps = (k + kBK - 1) / kBK;
 
-  // Fill one stage with k-step `step` of tile t: announce the bytes, then two TMA copies.
-  auto load = [&](const Tile& t, int step, RingPosition& fill) {
-    mbarrier_wait(&s.empty[fill.stage], fill.phase ^ 1);  // the stage's previous k-step is consumed
+  // Fill one stage with k-step `step` of tile t: wait until the stage's previous k-step is
+  // consumed, announce the bytes, then two TMA copies.
+  auto load = [&](const Tile& t, int step, Ring& fill) {
+    mbarrier_wait(&s.empty[fill.stage], fill.phase ^ 1);
     mbarrier_arrive_expect_tx(&s.full[fill.stage], kStageBytes);
     tma_load_2d(s.a + fill.stage * kBM * kBK, &a_map, &s.full[fill.stage], step * kBK, static_cast<int>(t.row_start));
     tma_load_3d(s.w + fill.stage * kBN * kBK, &w_map, &s.full[fill.stage], step * kBK, t.col_start, t.expert);
@@ -127,7 +148,7 @@ __global__ void __launch_bounds__(threads(kSchedule), 1)
     if (warpgroup == 0) {  // the producer
       setmaxnreg_dec<40>();
       if (threadIdx.x == 0) {
-        RingPosition fill;
+        Ring fill;
         for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
           const Tile t = locate<kBM, kBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
           for (int step = 0; step < k_steps; ++step) load(t, step, fill);
@@ -139,7 +160,8 @@ __global__ void __launch_bounds__(threads(kSchedule), 1)
   }
 
   const int consumer = kWarpSpecialized ? warpgroup - 1 : warpgroup;  // rows 64 * consumer ... + 63
-  RingPosition read, fill;  // fill: thread 0's copies (kTmaRing only)
+  const int wg_thread = threadIdx.x % 128;
+  Ring read, fill;  // fill: thread 0's copies (kTmaRing only)
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const Tile t = locate<kBM, kBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
     if constexpr (!kWarpSpecialized) {
@@ -180,26 +202,62 @@ __global__ void __launch_bounds__(threads(kSchedule), 1)
     }
     fence_accumulators(acc);
 
-    // Epilogue: each thread's accumulators are pairs of adjacent columns in two rows; store them
-    // as bf16 pairs, masked to the expert's rows and to N (a multiple of 8, so a pair is wholly
-    // inside or outside).
-    const int row = consumer * 64 + (warp % 4) * 16 + lane / 4;
-    const int64_t row0 = t.row_start + row, row1 = row0 + 8;
-    const bool ok0 = row0 < t.row_end, ok1 = row1 < t.row_end;
-    const int col0 = t.col_start + 2 * (lane % 4);
+    // Each thread's accumulators are pairs of adjacent columns in two rows of this consumer's
+    // 64: register 4 j + {0, 1} at (row, 8 j + col), 4 j + {2, 3} at (row + 8, 8 j + col).
+    const int row = (warp % 4) * 16 + lane / 4, col = 2 * (lane % 4);
+    const int64_t block_row = t.row_start + consumer * 64;  // this consumer's first row
+    if constexpr (kAsyncStore) {
+      // Into shared memory as 64 x 64 boxes, then out through the copy engine.
+      __nv_bfloat16* staging = s.staging + consumer * 64 * kBN;
+      if (wg_thread == 0) bulk_wait_read<0>();  // the previous tile's stores have read the buffer
+      named_barrier_sync(1 + consumer, 128);
 #pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) {
-      const int col = col0 + 8 * j;
-      if (col < n) {
-        if (ok0) {
-          *reinterpret_cast<__nv_bfloat162*>(c + row0 * n + col) = __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
+      for (int j = 0; j < kBN / 8; ++j) {
+        __nv_bfloat16* box = staging + (j / 8) * 64 * kStoreBox;
+        const int box_col = (j % 8) * 8 + col;
+        *reinterpret_cast<__nv_bfloat162*>(box + box_offset(row, box_col)) =
+            __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
+        *reinterpret_cast<__nv_bfloat162*>(box + box_offset(row + 8, box_col)) =
+            __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+      }
+      fence_proxy_async_shared();             // the writes above, visible to the copy engine ...
+      named_barrier_sync(1 + consumer, 128);  // ... from every thread of this warpgroup
+      if (block_row + 64 <= t.row_end) {
+        // All 64 rows are the expert's: one thread issues the stores (columns past N are clipped).
+        if (wg_thread == 0) {
+          for (int b = 0; b < kBN / kStoreBox && t.col_start + b * kStoreBox < n; ++b) {
+            tma_store_2d(&c_map, staging + b * 64 * kStoreBox, t.col_start + b * kStoreBox, static_cast<int>(block_row));
+          }
+          bulk_commit();
         }
-        if (ok1) {
-          *reinterpret_cast<__nv_bfloat162*>(c + row1 * n + col) =
-              __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+      } else {
+        // The expert's last rows: 16-byte pieces, masked by row (and by N: a multiple of 8).
+        for (int piece = wg_thread; piece < 64 * kBN / 8; piece += 128) {
+          const int r = piece / (kBN / 8), cc = piece % (kBN / 8) * 8;
+          if (block_row + r < t.row_end && t.col_start + cc < n) {
+            *reinterpret_cast<uint4*>(c + (block_row + r) * n + t.col_start + cc) = *reinterpret_cast<const uint4*>(
+                staging + (cc / kStoreBox) * 64 * kStoreBox + box_offset(r, cc % kStoreBox));
+          }
+        }
+      }
+    } else {
+      // Straight from registers: bf16 pairs, masked to the expert's rows and to N.
+      const int64_t row0 = block_row + row, row1 = row0 + 8;
+      const bool ok0 = row0 < t.row_end, ok1 = row1 < t.row_end;
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j) {
+        const int cj = t.col_start + 8 * j + col;
+        if (cj < n) {
+          if (ok0) *reinterpret_cast<__nv_bfloat162*>(c + row0 * n + cj) = __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
+          if (ok1) {
+            *reinterpret_cast<__nv_bfloat162*>(c + row1 * n + cj) = __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+          }
         }
       }
     }
+  }
+  if constexpr (kAsyncStore) {
+    if (wg_thread == 0) bulk_wait<0>();  // the last stores have finished before the CTA exits
   }
 #endif  // TILEMOE_SM90A
 }
@@ -237,7 +295,7 @@ cudaError_t encode(CUtensorMap* map, const void* base, int rank, const cuuint64_
 // The SMs of the device, once per device and schedule (with the shared-memory limit raised), or
 // cudaErrorNotSupported when this GPU cannot run the kernel: not compute capability 9.0, or this
 // library was built without the sm_90a target.
-template <HopperSchedule kSchedule>
+template <HopperKernel kKernel>
 cudaError_t persistent_ctas(int* ctas) {
   constexpr int kMaxDevices = 64;
   static int cached[kMaxDevices] = {};
@@ -255,26 +313,26 @@ cudaError_t persistent_ctas(int* ctas) {
   if (err != cudaSuccess) return err;
   if (major != 9 || minor != 0) return cudaErrorNotSupported;
   cudaFuncAttributes attributes;
-  err = cudaFuncGetAttributes(&attributes, grouped_gemm_hopper_kernel<kSchedule>);
+  err = cudaFuncGetAttributes(&attributes, grouped_gemm_hopper_kernel<kKernel>);
   if (err == cudaErrorInvalidDeviceFunction || err == cudaErrorNoKernelImageForDevice) {
     (void)cudaGetLastError();  // not built for this GPU: clear the error, report "not supported"
     return cudaErrorNotSupported;
   }
   if (err != cudaSuccess) return err;
   if (attributes.binaryVersion != 90) return cudaErrorNotSupported;  // e.g. sm_80 code JIT-compiled
-  err = cudaFuncSetAttribute(grouped_gemm_hopper_kernel<kSchedule>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             kSmemBytes);
+  err = cudaFuncSetAttribute(grouped_gemm_hopper_kernel<kKernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             smem_bytes(kKernel));
   if (err != cudaSuccess) return err;
-  *ctas = sms;  // 192 KB of stages: one CTA per SM
+  *ctas = sms;  // about 200 KB of shared memory: one CTA per SM
   if (device < kMaxDevices) cached[device] = *ctas;
   return cudaSuccess;
 }
 
-template <HopperSchedule kSchedule>
+template <HopperKernel kKernel>
 cudaError_t launch(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t* offsets, __nv_bfloat16* c,
                    int64_t m_total, int32_t num_experts, int32_t n, int32_t k, cudaStream_t stream) {
   int ctas = 0;
-  cudaError_t err = persistent_ctas<kSchedule>(&ctas);
+  cudaError_t err = persistent_ctas<kKernel>(&ctas);
   if (err != cudaSuccess) return err;
   // The tensor maps: built on the host for every call (a few microseconds, no sync), passed to
   // the kernel by value as __grid_constant__ parameters.
@@ -286,14 +344,19 @@ cudaError_t launch(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t
                                 static_cast<cuuint64_t>(num_experts)};
   const cuuint64_t w_strides[2] = {static_cast<cuuint64_t>(k) * 2, static_cast<cuuint64_t>(n) * k * 2};
   const cuuint32_t w_box[3] = {kBK, kBN, 1};
+  CUtensorMap c_map;  // kAsyncStore's stores: [M, N] in 64 x 64 boxes
+  const cuuint64_t c_dims[2] = {static_cast<cuuint64_t>(n), static_cast<cuuint64_t>(m_total)};
+  const cuuint64_t c_strides[1] = {static_cast<cuuint64_t>(n) * 2};
+  const cuuint32_t c_box[2] = {kStoreBox, kStoreBox};
   err = encode(&a_map, a, 2, a_dims, a_strides, a_box);
   if (err == cudaSuccess) err = encode(&w_map, w, 3, w_dims, w_strides, w_box);
+  if (err == cudaSuccess) err = encode(&c_map, c, 2, c_dims, c_strides, c_box);
   if (err != cudaSuccess) return err;
   const int64_t col_tiles = (n + kBN - 1) / kBN;
   const int64_t max_tiles = (m_total / kBM + num_experts) * col_tiles;
   const int grid = static_cast<int>(std::min<int64_t>(ctas, max_tiles));
-  grouped_gemm_hopper_kernel<kSchedule><<<grid, threads(kSchedule), kSmemBytes, stream>>>(
-      a_map, w_map, offsets, c, m_total, num_experts, n, k);
+  grouped_gemm_hopper_kernel<kKernel><<<grid, threads(kKernel), smem_bytes(kKernel), stream>>>(
+      a_map, w_map, c_map, offsets, c, m_total, num_experts, n, k);
   return cudaGetLastError();
 }
 
@@ -301,21 +364,26 @@ cudaError_t launch(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t
 
 cudaError_t launch_grouped_gemm_hopper(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t* offsets,
                                        __nv_bfloat16* c, int64_t m_total, int32_t num_experts, int32_t n,
-                                       int32_t k, HopperSchedule schedule, cudaStream_t stream) {
+                                       int32_t k, HopperKernel kernel, cudaStream_t stream) {
   if (num_experts < 1 || num_experts > kGroupedGemmMaxExperts || n <= 0 || k <= 0 || n % 8 || k % 8 ||
       m_total < 0 || m_total > INT32_MAX) {
     return cudaErrorInvalidValue;
   }
   if (m_total == 0) return cudaSuccess;
-  if (schedule == HopperSchedule::kTmaRing) {
-    return launch<HopperSchedule::kTmaRing>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+  switch (kernel) {
+    case HopperKernel::kTmaRing:
+      return launch<HopperKernel::kTmaRing>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+    case HopperKernel::kWarpSpecialized:
+      return launch<HopperKernel::kWarpSpecialized>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+    case HopperKernel::kAsyncStore:
+      return launch<HopperKernel::kAsyncStore>(a, w, offsets, c, m_total, num_experts, n, k, stream);
   }
-  return launch<HopperSchedule::kWarpSpecialized>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t grouped_gemm_hopper_supported() {
   int ctas = 0;
-  return persistent_ctas<HopperSchedule::kWarpSpecialized>(&ctas);
+  return persistent_ctas<HopperKernel::kAsyncStore>(&ctas);
 }
 
 }  // namespace tilemoe

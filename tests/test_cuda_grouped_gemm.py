@@ -196,13 +196,14 @@ def test_without_validation_never_syncs_and_captures_in_a_graph(variant):
 
 
 @on_gpu
+@pytest.mark.parametrize("shift", [1, 2, 4])
 @pytest.mark.parametrize("name", ["a", "w", "out"])
-def test_misaligned_views_are_named(name):
+def test_misaligned_views_are_named(name, shift):
     a, w, offsets = make([3, 5], 16, 16)
     args = dict(a=a, w=w, offsets=offsets, out=torch.empty(8, 16, dtype=torch.bfloat16, device="cuda"))
-    shifted = torch.empty(args[name].numel() + 1, dtype=torch.bfloat16, device="cuda")[1:].view(args[name].shape)
-    args[name] = shifted  # contiguous, but starts 2 bytes into its storage
-    with pytest.raises(ValueError, match=rf"{name}: expected a (16|4)-byte aligned start"):
+    storage = torch.empty(args[name].numel() + shift, dtype=torch.bfloat16, device="cuda")
+    args[name] = storage[shift:].view(args[name].shape)  # contiguous, but 2 * shift bytes into its storage
+    with pytest.raises(ValueError, match=rf"{name}: expected a 16-byte aligned start"):
         tcuda.grouped_gemm(**args)
 
 

@@ -205,8 +205,9 @@ def grouped_gemm(
         checks.check_contiguous("out", out)
         if out.device != a.device:
             checks.fail("out", f"device {a.device} (the device of a)", out.device)
-        if out.data_ptr() % 4:  # the epilogue stores pairs of bf16
-            checks.fail("out", "a 4-byte aligned start", f"address {out.data_ptr():#x}")
+        if out.data_ptr() % 16:  # the epilogues store 16-byte pieces of rows (and TMA boxes)
+            checks.fail("out", "a 16-byte aligned start (a fresh tensor, or a view at a multiple of 8 elements)",
+                        f"address {out.data_ptr():#x}")
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"tilemoe.cuda.grouped_gemm is unavailable: {reason}")

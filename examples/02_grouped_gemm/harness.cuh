@@ -1,6 +1,7 @@
-// The harness both grouped-GEMM programs share: arguments, ragged expert sizes, random data, an
-// fp32 reference on the GPU, an every-element check and CUDA-event timing. A program is its
-// kernel's launch and one call to run_example(); everything else is here, once.
+// The harness the grouped-GEMM programs share (lesson 2's two, lesson 3's ladder): arguments,
+// ragged expert sizes, random data, an fp32 reference on the GPU, an every-element check and
+// CUDA-event timing. A lesson 2 program is its kernel's launch and one call to run_example();
+// lesson 3's checks and times several launches on one problem (make_problem, check, time_ms).
 #pragma once
 
 #include <algorithm>
@@ -50,10 +51,23 @@ struct Problem {
 
 using Launch = std::function<cudaError_t(const Problem&, cudaStream_t)>;
 
-inline void usage(const char* program, const char* what) {
+// A program's own option: its name, its value's placeholder, its help line and where its value goes.
+struct ExtraOption {
+  const char* name;
+  const char* metavar;
+  const char* help;
+  std::string* value;
+};
+
+inline void usage(const char* program, const char* what, const ExtraOption* extra) {
+  std::string extra_usage, extra_help;
+  if (extra != nullptr) {
+    extra_usage = std::string(" [") + extra->name + " " + extra->metavar + "]";
+    extra_help = std::string("  ") + extra->name + " " + extra->metavar + "  " + extra->help + "\n";
+  }
   std::printf(
       "%s: %s\n\n"
-      "usage: %s [--experts E] [--tokens M] [--n N] [--k K] [--skew S] [--reps R] [--seed X]\n"
+      "usage: %s [--experts E] [--tokens M] [--n N] [--k K] [--skew S] [--reps R] [--seed X]%s\n"
       "  --experts E  experts (default 64)\n"
       "  --tokens M   rows of A: routed token-expert pairs, tokens x top-k (default 16384)\n"
       "  --n N        output columns, a multiple of 8 (default 2048)\n"
@@ -63,16 +77,17 @@ inline void usage(const char* program, const char* what) {
       "               nearly empty and some empty (default 0)\n"
       "  --reps R     timed runs, the median reported (default 20; after 3, it stops once 1 s is spent)\n"
       "  --seed X     random seed (default 0)\n"
+      "%s"
       "Checks every element against an fp32 reference; exits 1 on a wrong result.\n",
-      program, what, program);
+      program, what, program, extra_usage.c_str(), extra_help.c_str());
 }
 
-inline Options parse(int argc, char** argv, const char* what) {
+inline Options parse(int argc, char** argv, const char* what, const ExtraOption* extra = nullptr) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") {
-      usage(argv[0], what);
+      usage(argv[0], what, extra);
       std::exit(0);
     }
     if (i + 1 >= argc) {
@@ -96,6 +111,7 @@ inline Options parse(int argc, char** argv, const char* what) {
     else if (arg == "--k") o.k = integer();
     else if (arg == "--reps") o.reps = integer();
     else if (arg == "--seed") o.seed = static_cast<unsigned>(integer());
+    else if (extra && arg == extra->name) *extra->value = value;
     else if (arg == "--skew") {
       char* end = nullptr;
       o.skew = std::strtod(value, &end);
@@ -189,9 +205,17 @@ __global__ void max_abs(const float* x, int64_t count, unsigned* out_bits) {
   atomicMax(out_bits, __float_as_uint(m));  // non-negative floats order like their bit patterns
 }
 
-inline int run_example(int argc, char** argv, const char* what, const Launch& launch) {
-  const Options o = parse(argc, argv, what);
+// The problem on the GPU: ragged offsets from the options, random A and W, C and the reference.
+struct Setup {
   Problem p;
+  float* ref = nullptr;  // the fp32 reference, filled by the first check
+  bool ref_ready = false;
+  cudaStream_t stream = nullptr;
+};
+
+inline Setup make_problem(const Options& o, const char* what) {
+  Setup s;
+  Problem& p = s.p;
   p.experts = o.experts;
   p.n = o.n;
   p.k = o.k;
@@ -212,13 +236,12 @@ inline int run_example(int argc, char** argv, const char* what, const Launch& la
 
   __nv_bfloat16 *a, *w, *c;
   int32_t* offsets;
-  float* ref;
   const int64_t a_count = p.rows * o.k, w_count = static_cast<int64_t>(o.experts) * o.n * o.k;
   const int64_t c_count = p.rows * o.n;
   CUDA_CHECK(cudaMalloc(&a, std::max<int64_t>(a_count, 1) * sizeof(__nv_bfloat16)));
   CUDA_CHECK(cudaMalloc(&w, w_count * sizeof(__nv_bfloat16)));
   CUDA_CHECK(cudaMalloc(&c, std::max<int64_t>(c_count, 1) * sizeof(__nv_bfloat16)));
-  CUDA_CHECK(cudaMalloc(&ref, std::max<int64_t>(c_count, 1) * sizeof(float)));
+  CUDA_CHECK(cudaMalloc(&s.ref, std::max<int64_t>(c_count, 1) * sizeof(float)));
   CUDA_CHECK(cudaMalloc(&offsets, (o.experts + 1) * sizeof(int32_t)));
   CUDA_CHECK(cudaMemcpy(offsets, p.host_offsets.data(), (o.experts + 1) * sizeof(int32_t), cudaMemcpyHostToDevice));
   fill_uniform<<<1024, 256>>>(a, a_count, 1.0f, o.seed * 2 + 1);
@@ -228,33 +251,39 @@ inline int run_example(int argc, char** argv, const char* what, const Launch& la
   p.w = w;
   p.offsets = offsets;
   p.c = c;
+  CUDA_CHECK(cudaStreamCreate(&s.stream));
+  return s;
+}
 
-  // Check first, on an output poisoned with NaN (0xFFFF): a row the kernel forgets stays NaN.
-  cudaStream_t stream;
-  CUDA_CHECK(cudaStreamCreate(&stream));
-  CUDA_CHECK(cudaMemsetAsync(c, 0xFF, std::max<int64_t>(c_count, 1) * sizeof(__nv_bfloat16), stream));
-  CUDA_CHECK(launch(p, stream));
-  if (c_count > 0) {
-    reference_gemm<<<static_cast<unsigned>((c_count + 255) / 256), 256, 0, stream>>>(a, w, offsets, o.experts,
-                                                                                    p.rows, o.n, o.k, ref);
+// Run the kernel once on an output poisoned with NaN (0xFFFF: a row the kernel forgets stays
+// NaN) and compare every element with the fp32 reference. Prints the verdict; true when right.
+inline bool check(Setup& s, const Launch& launch) {
+  const Problem& p = s.p;
+  const int64_t c_count = p.rows * p.n;
+  CUDA_CHECK(cudaMemsetAsync(p.c, 0xFF, std::max<int64_t>(c_count, 1) * sizeof(__nv_bfloat16), s.stream));
+  CUDA_CHECK(launch(p, s.stream));
+  if (!s.ref_ready && c_count > 0) {
+    reference_gemm<<<static_cast<unsigned>((c_count + 255) / 256), 256, 0, s.stream>>>(p.a, p.w, p.offsets, p.experts,
+                                                                                      p.rows, p.n, p.k, s.ref);
+    s.ref_ready = true;
   }
   unsigned* max_bits;
   unsigned long long* counters;  // [0]: mismatches, [1]: first mismatch
   CUDA_CHECK(cudaMalloc(&max_bits, sizeof(unsigned)));
   CUDA_CHECK(cudaMalloc(&counters, 2 * sizeof(unsigned long long)));
-  CUDA_CHECK(cudaMemsetAsync(max_bits, 0, sizeof(unsigned), stream));
-  CUDA_CHECK(cudaMemsetAsync(counters, 0, sizeof(unsigned long long), stream));
-  CUDA_CHECK(cudaMemsetAsync(counters + 1, 0xFF, sizeof(unsigned long long), stream));
-  max_abs<<<1024, 256, 0, stream>>>(ref, c_count, max_bits);
+  CUDA_CHECK(cudaMemsetAsync(max_bits, 0, sizeof(unsigned), s.stream));
+  CUDA_CHECK(cudaMemsetAsync(counters, 0, sizeof(unsigned long long), s.stream));
+  CUDA_CHECK(cudaMemsetAsync(counters + 1, 0xFF, sizeof(unsigned long long), s.stream));
+  max_abs<<<1024, 256, 0, s.stream>>>(s.ref, c_count, max_bits);
   unsigned host_bits = 0;
-  CUDA_CHECK(cudaMemcpyAsync(&host_bits, max_bits, sizeof(unsigned), cudaMemcpyDeviceToHost, stream));
-  CUDA_CHECK(cudaStreamSynchronize(stream));
+  CUDA_CHECK(cudaMemcpyAsync(&host_bits, max_bits, sizeof(unsigned), cudaMemcpyDeviceToHost, s.stream));
+  CUDA_CHECK(cudaStreamSynchronize(s.stream));
   float max_ref;
   std::memcpy(&max_ref, &host_bits, sizeof(float));
-  count_mismatches<<<1024, 256, 0, stream>>>(c, ref, c_count, max_ref, counters, counters + 1);
+  count_mismatches<<<1024, 256, 0, s.stream>>>(p.c, s.ref, c_count, max_ref, counters, counters + 1);
   unsigned long long host_counters[2];
-  CUDA_CHECK(cudaMemcpyAsync(host_counters, counters, sizeof(host_counters), cudaMemcpyDeviceToHost, stream));
-  CUDA_CHECK(cudaStreamSynchronize(stream));
+  CUDA_CHECK(cudaMemcpyAsync(host_counters, counters, sizeof(host_counters), cudaMemcpyDeviceToHost, s.stream));
+  CUDA_CHECK(cudaStreamSynchronize(s.stream));
   CUDA_CHECK(cudaGetLastError());
   const bool ok = host_counters[0] == 0;
   if (ok) {
@@ -263,42 +292,64 @@ inline int run_example(int argc, char** argv, const char* what, const Launch& la
     const unsigned long long i = host_counters[1];
     float want;
     __nv_bfloat16 got;
-    CUDA_CHECK(cudaMemcpy(&want, ref + i, sizeof(float), cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(&got, c + i, sizeof(got), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(&want, s.ref + i, sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(&got, p.c + i, sizeof(got), cudaMemcpyDeviceToHost));
     std::printf("check: FAILED, %llu of %lld outputs differ; first at row %llu col %llu: got %g, want %g\n",
-                host_counters[0], static_cast<long long>(c_count), i / o.n, i % o.n, __bfloat162float(got), want);
+                host_counters[0], static_cast<long long>(c_count), i / p.n, i % p.n, __bfloat162float(got), want);
   }
+  CUDA_CHECK(cudaFree(max_bits));
+  CUDA_CHECK(cudaFree(counters));
+  return ok;
+}
 
-  // Time: a warm-up, then up to --reps runs, each between two events; the median is reported.
+// A warm-up, then up to `reps` runs, each between two events (after 3, stop once 1 s is spent).
+struct Timing {
+  float median_ms;
+  size_t runs;
+};
+
+inline Timing time_ms(Setup& s, const Launch& launch, int reps) {
   cudaEvent_t start, stop;
   CUDA_CHECK(cudaEventCreate(&start));
   CUDA_CHECK(cudaEventCreate(&stop));
-  CUDA_CHECK(launch(p, stream));
+  CUDA_CHECK(launch(s.p, s.stream));
   std::vector<float> times;
   float spent = 0.f;
-  for (int r = 0; r < o.reps && (r < 3 || spent < 1000.f); ++r) {
-    CUDA_CHECK(cudaEventRecord(start, stream));
-    CUDA_CHECK(launch(p, stream));
-    CUDA_CHECK(cudaEventRecord(stop, stream));
+  for (int r = 0; r < reps && (r < 3 || spent < 1000.f); ++r) {
+    CUDA_CHECK(cudaEventRecord(start, s.stream));
+    CUDA_CHECK(launch(s.p, s.stream));
+    CUDA_CHECK(cudaEventRecord(stop, s.stream));
     CUDA_CHECK(cudaEventSynchronize(stop));
     float ms = 0.f;
     CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
     times.push_back(ms);
     spent += ms;
   }
-  std::sort(times.begin(), times.end());
-  const float median = times[times.size() / 2];
-  const double flops = 2.0 * static_cast<double>(p.rows) * o.n * o.k;
-  std::printf("time: %.4f ms (median of %zu runs), %.1f TFLOP/s\n", median, times.size(),
-              flops / (median * 1e-3) / 1e12);
-
-  for (void* ptr : {static_cast<void*>(a), static_cast<void*>(w), static_cast<void*>(c), static_cast<void*>(ref),
-                    static_cast<void*>(offsets), static_cast<void*>(max_bits), static_cast<void*>(counters)}) {
-    CUDA_CHECK(cudaFree(ptr));
-  }
   CUDA_CHECK(cudaEventDestroy(start));
   CUDA_CHECK(cudaEventDestroy(stop));
-  CUDA_CHECK(cudaStreamDestroy(stream));
+  std::sort(times.begin(), times.end());
+  return {times[times.size() / 2], times.size()};
+}
+
+inline double tflops(const Problem& p, float ms) { return 2.0 * static_cast<double>(p.rows) * p.n * p.k / (ms * 1e-3) / 1e12; }
+
+inline void release(Setup& s) {
+  for (const void* ptr : {static_cast<const void*>(s.p.a), static_cast<const void*>(s.p.w),
+                          static_cast<const void*>(s.p.c), static_cast<const void*>(s.ref),
+                          static_cast<const void*>(s.p.offsets)}) {
+    CUDA_CHECK(cudaFree(const_cast<void*>(ptr)));
+  }
+  CUDA_CHECK(cudaStreamDestroy(s.stream));
+}
+
+// Lesson 2's programs: one kernel, checked then timed.
+inline int run_example(int argc, char** argv, const char* what, const Launch& launch) {
+  const Options o = parse(argc, argv, what);
+  Setup s = make_problem(o, what);
+  const bool ok = check(s, launch);
+  const Timing t = time_ms(s, launch, o.reps);
+  std::printf("time: %.4f ms (median of %zu runs), %.1f TFLOP/s\n", t.median_ms, t.runs, tflops(s.p, t.median_ms));
+  release(s);
   return ok ? 0 : 1;
 }
 

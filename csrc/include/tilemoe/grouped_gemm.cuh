@@ -46,18 +46,19 @@ cudaError_t launch_grouped_gemm_pipelined(const __nv_bfloat16* a, const __nv_bfl
                                           int32_t num_experts, int32_t n, int32_t k, int stages,
                                           cudaStream_t stream);
 
-// The Hopper kernel (csrc/grouped_gemm_hopper.cu, sm_90a): TMA loads into a 4-stage mbarrier
-// ring, wgmma, 128 x 256 tiles, the tiled kernel's persistent scheduler.
-enum class HopperSchedule {
+// The Hopper kernels (csrc/grouped_gemm_hopper.cu, sm_90a): TMA loads into an mbarrier ring of
+// shared-memory stages, wgmma, 128 x 256 tiles, the tiled kernel's persistent scheduler.
+enum class HopperKernel {
   kTmaRing,          // two compute warpgroups; one of their threads also issues the copies
   kWarpSpecialized,  // plus a producer warpgroup that only issues copies, running ahead across tiles
+  kAsyncStore,       // plus an epilogue through shared memory and TMA stores (the package's kernel)
 };
 // Same contract as launch_grouped_gemm_tiled, with m_total <= INT32_MAX (TMA coordinates are
-// 32-bit). Returns cudaErrorNotSupported on a GPU other than compute capability 9.0, or when
-// this library was built without the sm_90a target.
+// 32-bit) and c 16-byte aligned. Returns cudaErrorNotSupported on a GPU other than compute
+// capability 9.0, or when this library was built without the sm_90a target.
 cudaError_t launch_grouped_gemm_hopper(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t* offsets,
                                        __nv_bfloat16* c, int64_t m_total, int32_t num_experts, int32_t n,
-                                       int32_t k, HopperSchedule schedule, cudaStream_t stream);
+                                       int32_t k, HopperKernel kernel, cudaStream_t stream);
 // cudaSuccess when the current device can run launch_grouped_gemm_hopper, else the reason.
 cudaError_t grouped_gemm_hopper_supported();
 

@@ -81,6 +81,36 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+// Shared memory -> global through the copy engine: the box at (x, y) of the map, from a tile laid
+// out (and swizzled) as the map says; parts of the box outside the tensor are not written. The
+// copy joins this thread's current bulk group (bulk_commit closes it).
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* src, int x, int y) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(map),
+               "r"(shared_address(src)), "r"(x), "r"(y)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Wait until this thread's bulk groups, all but kPending, have read their shared memory (the
+// buffer may be rewritten); the global writes may still be in flight.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+// Wait until this thread's bulk groups, all but kPending, are complete.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+// Make this thread's ordinary shared-memory writes visible to the copy engine (before a barrier
+// and the TMA store that reads them).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// A barrier for `threads` threads (a multiple of 32) under the id (1-15; 0 is __syncthreads).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // ---- wgmma ---------------------------------------------------------------------------------
 
 // The shared-memory matrix descriptor of a K-major tile written by TMA with the 128-byte swizzle:
