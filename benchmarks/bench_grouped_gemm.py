@@ -291,7 +291,7 @@ def mma_peak_tflops(device: torch.device) -> float | None:
 
 def table_markdown(files: list) -> str:
     """The README's tables for recorded runs: per preset, one row per GEMM, prefill token count and
-    routing; TFLOP/s per variant and the tiled kernel's % of the dense ceiling."""
+    routing; TFLOP/s per variant and the chapter's kernels' % of the dense ceiling."""
     parts = []
     for path in map(Path, files):
         run = json.loads(path.read_text())
@@ -305,14 +305,16 @@ def table_markdown(files: list) -> str:
                         f"registers only (csrc/mma_peak.cu): {run['mma_sync_peak_tflops']:.0f} TFLOP/s."
                         if run.get("mma_sync_peak_tflops") else ""))
         variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+        ours = [v for v in ("tiled", "hopper") if v in variants]  # their % of the ceiling gets a column
         recorded = list(dict.fromkeys(r["tokens"] for r in rows))
         tokens = [t for t in TABLE_TOKENS if t in recorded] or recorded
         for preset in dict.fromkeys(r["preset"] for r in rows):
             cfg = tilemoe.get_preset(preset)
             shapes = "; ".join("{}: N={}, K={}".format(g, *gemm_shape(cfg, g)) for g in GEMMS)
             lines = [f"**{preset}** (E={cfg.experts}, top-{cfg.top_k}; {shapes})", "",
-                     "| gemm | tokens | routing | " + " | ".join(variants) + " | tiled % of ceiling |",
-                     "|---" * (len(variants) + 4) + "|"]
+                     "| gemm | tokens | routing | " + " | ".join(variants)
+                     + "".join(f" | {v} % of ceiling" for v in ours) + " |",
+                     "|---" * (len(variants) + len(ours) + 3) + "|"]
             for gemm in GEMMS:
                 for t in tokens:
                     for routing in ROUTINGS:
@@ -321,9 +323,10 @@ def table_markdown(files: list) -> str:
                         if not same:
                             continue
                         cells = [f"{same[v]['tflops']:.3g}" if v in same else "-" for v in variants]
-                        tiled = same.get("tiled", {}).get("% of ceiling")
-                        pct = "-" if tiled is None else f"{tiled:.0f}%"
-                        lines.append(f"| {gemm} | {t} | {routing} | " + " | ".join(cells) + f" | {pct} |")
+                        for v in ours:
+                            pct = same.get(v, {}).get("% of ceiling")
+                            cells.append("-" if pct is None else f"{pct:.0f}%")
+                        lines.append(f"| {gemm} | {t} | {routing} | " + " | ".join(cells) + " |")
             parts.append("\n".join(lines))
     return bench.generated_block("benchmarks/bench_grouped_gemm.py", files, "\n\n".join(parts))
 

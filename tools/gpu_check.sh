@@ -47,6 +47,12 @@ step examples-02-build bash -c 'cmake -S examples/02_grouped_gemm -B build/02 -G
 step examples-02 bash -c 'for p in naive tiled; do for s in 0 1.5; do build/02/grouped_gemm_$p --skew $s || exit 1; done; build/02/grouped_gemm_$p --experts 8 --tokens 32768 --n 28672 --k 4096 || exit 1; done'
 step examples-02-memcheck bash -c 'for p in naive tiled; do compute-sanitizer --tool memcheck --error-exitcode 1 build/02/grouped_gemm_$p --experts 9 --tokens 999 --n 136 --k 200 --skew 1.5 --reps 1 || exit 1; done'
 step examples-02-racecheck bash -c 'for p in naive tiled; do compute-sanitizer --tool racecheck --error-exitcode 1 build/02/grouped_gemm_$p --experts 9 --tokens 999 --n 136 --k 200 --skew 1.5 --reps 1 || exit 1; done'
+step examples-03-build bash -c 'cmake -S examples/03_io_overlap -B build/03 -G Ninja && cmake --build build/03 -j'
+step examples-03 bash -c 'build/03/io_overlap && build/03/io_overlap --skew 1.5 --tokens 20000 --n 1544 --k 1032'
+step examples-03-memcheck compute-sanitizer --tool memcheck --error-exitcode 1 build/03/io_overlap --experts 9 --tokens 999 --n 136 --k 200 --skew 1.5 --reps 1
+step examples-03-racecheck compute-sanitizer --tool racecheck --error-exitcode 1 build/03/io_overlap --experts 9 --tokens 999 --n 136 --k 200 --skew 1.5 --reps 1
+step bench-io-overlap python3 benchmarks/bench_io_overlap.py --record
+step bench-gemm python3 benchmarks/bench_grouped_gemm.py --record --plot "$out/grouped_gemm.png"
 step triton-tests python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_triton.py tests/test_gpu_backends.py
 step triton-tune python3 benchmarks/tune_triton.py
 step bench-variants python3 benchmarks/bench_moe_variants.py --preset all --record --plot "$out/moe_variants.png"
