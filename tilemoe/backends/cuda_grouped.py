@@ -1,6 +1,9 @@
-"""Backend "cuda": the chapter's CUDA C++ grouped GEMM (csrc/grouped_gemm_tiled.cu) behind moe_forward.
+"""Backend "cuda": the chapter's CUDA C++ grouped GEMMs behind moe_forward: on a compute capability
+9.0 GPU the Hopper kernel (csrc/grouped_gemm_hopper.cu: TMA, wgmma, warp specialization), elsewhere
+the persistent mma.sync kernel (csrc/grouped_gemm_tiled.cu); ``tilemoe.cuda.grouped_gemm``'s
+variant "auto" picks.
 
-The same pipeline as "grouped_mm", with the chapter's persistent tensor-core kernel in place of
+The same pipeline as "grouped_mm", with the chapter's persistent tensor-core kernels in place of
 torch's: gather each slot's row of x in expert order, one grouped GEMM for the up-projection,
 SwiGLU (PyTorch), one grouped GEMM for the down-projection, the weighted combine. The kernel reads
 routing.offsets on the device: no host synchronization, capturable in a CUDA graph.
