@@ -292,40 +292,33 @@ cudaError_t encode(CUtensorMap* map, const void* base, int rank, const cuuint64_
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// The SMs of the device, once per device and schedule (with the shared-memory limit raised), or
+// The SMs of the device, once per device and kernel (with the shared-memory limit raised), or
 // cudaErrorNotSupported when this GPU cannot run the kernel: not compute capability 9.0, or this
 // library was built without the sm_90a target.
 template <HopperKernel kKernel>
 cudaError_t persistent_ctas(int* ctas) {
-  constexpr int kMaxDevices = 64;
-  static int cached[kMaxDevices] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < kMaxDevices && cached[device] > 0) {
-    *ctas = cached[device];
+  static int cache[kMaxCachedDevices] = {};
+  return cached_per_device(cache, ctas, [](int device, int* found) {
+    int major = 0, minor = 0, sms = 0;
+    cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    if (major != 9 || minor != 0) return cudaErrorNotSupported;
+    cudaFuncAttributes attributes;
+    err = cudaFuncGetAttributes(&attributes, grouped_gemm_hopper_kernel<kKernel>);
+    if (err == cudaErrorInvalidDeviceFunction || err == cudaErrorNoKernelImageForDevice) {
+      (void)cudaGetLastError();  // not built for this GPU: clear the error, report "not supported"
+      return cudaErrorNotSupported;
+    }
+    if (err != cudaSuccess) return err;
+    if (attributes.binaryVersion != 90) return cudaErrorNotSupported;  // e.g. sm_80 code JIT-compiled
+    err = cudaFuncSetAttribute(grouped_gemm_hopper_kernel<kKernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               smem_bytes(kKernel));
+    if (err != cudaSuccess) return err;
+    *found = sms;  // about 200 KB of shared memory: one CTA per SM
     return cudaSuccess;
-  }
-  int major = 0, minor = 0, sms = 0;
-  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  if (major != 9 || minor != 0) return cudaErrorNotSupported;
-  cudaFuncAttributes attributes;
-  err = cudaFuncGetAttributes(&attributes, grouped_gemm_hopper_kernel<kKernel>);
-  if (err == cudaErrorInvalidDeviceFunction || err == cudaErrorNoKernelImageForDevice) {
-    (void)cudaGetLastError();  // not built for this GPU: clear the error, report "not supported"
-    return cudaErrorNotSupported;
-  }
-  if (err != cudaSuccess) return err;
-  if (attributes.binaryVersion != 90) return cudaErrorNotSupported;  // e.g. sm_80 code JIT-compiled
-  err = cudaFuncSetAttribute(grouped_gemm_hopper_kernel<kKernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             smem_bytes(kKernel));
-  if (err != cudaSuccess) return err;
-  *ctas = sms;  // about 200 KB of shared memory: one CTA per SM
-  if (device < kMaxDevices) cached[device] = *ctas;
-  return cudaSuccess;
+  });
 }
 
 template <HopperKernel kKernel>

@@ -221,31 +221,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   }
 }
 
-// CTAs that fit on the device at once, found once per device and config (the attribute call and
-// the occupancy query cost microseconds; a forward calls this twice per layer).
+// CTAs that fit on the device at once, found once per device and config.
 template <class Cfg>
 cudaError_t persistent_grid(int* ctas) {
-  constexpr int kMaxDevices = 64;
-  static int cached[kMaxDevices] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < kMaxDevices && cached[device] > 0) {
-    *ctas = cached[device];
+  static int cache[kMaxCachedDevices] = {};
+  return cached_per_device(cache, ctas, [](int device, int* found) {
+    cudaError_t err = cudaFuncSetAttribute(grouped_gemm_tiled_kernel<Cfg>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    int sms = 0, per_sm = 0;
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grouped_gemm_tiled_kernel<Cfg>, Cfg::kThreads,
+                                                        Cfg::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    *found = sms * std::max(per_sm, 1);
     return cudaSuccess;
-  }
-  err = cudaFuncSetAttribute(grouped_gemm_tiled_kernel<Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  int sms = 0, per_sm = 0;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, grouped_gemm_tiled_kernel<Cfg>, Cfg::kThreads,
-                                                      Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  *ctas = sms * std::max(per_sm, 1);
-  if (device < kMaxDevices) cached[device] = *ctas;
-  return cudaSuccess;
+  });
 }
 
 template <class Cfg>

@@ -1,4 +1,5 @@
-// The device-side tile scheduler every persistent grouped-GEMM kernel shares (device code, nvcc).
+// The tile scheduler every persistent grouped-GEMM kernel shares (nvcc): device code, and the
+// host-side cache of each kernel's grid size.
 //
 // Expert e's rows form ceil(rows_e / BM) row tiles. Each CTA reads the E + 1 offsets, builds the
 // prefix sum of those counts in shared memory (one warp, shuffles), and maps a linear tile number
@@ -75,6 +76,25 @@ __device__ __forceinline__ Tile locate(int64_t tile, int col_tiles, const int* t
   t.row_end = min(static_cast<int64_t>(offsets[e + 1]), m_total);  // never past a's rows, whatever the offsets say
   t.col_start = (in_group / group_rows) * kBN;
   return t;
+}
+
+// A persistent kernel's grid is sized once per device: attribute calls and occupancy queries
+// cost microseconds, and a layer launches twice. find(device, &ctas) runs on the first call for
+// a device; its result is kept in `cache` (one array per kernel configuration).
+constexpr int kMaxCachedDevices = 64;
+
+template <class Find>
+cudaError_t cached_per_device(int (&cache)[kMaxCachedDevices], int* ctas, Find find) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxCachedDevices && cache[device] > 0) {
+    *ctas = cache[device];
+    return cudaSuccess;
+  }
+  err = find(device, ctas);
+  if (err == cudaSuccess && device < kMaxCachedDevices) cache[device] = *ctas;
+  return err;
 }
 
 }  // namespace tilemoe
