@@ -38,21 +38,16 @@ from pathlib import Path
 import torch
 
 import tilemoe
+from bench_grouped_gemm import GEMMS, gemm_shape  # the presets' two expert GEMMs, as lesson 2's benchmark has them
 from tilemoe import bench
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PROGRAM = REPO / "build" / "03" / "io_overlap"
 PRESETS = ("mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "olmoe-1b-7b")
-GEMMS = ("up", "down")
 RUNGS = ("a", "b", "b4", "c", "d", "e")
 # One line of the program's table: rung, what it is, ms, TFLOP/s, ms removed (or -), check.
 ROW = re.compile(r"^(a|b|b4|c|d|e)\s+(.+?)\s+([0-9.]+)\s+([0-9.]+)\s+(-|-?[0-9.]+)\s+(PASS|FAIL)\s*$")
 SKIPPED = re.compile(r"^(a|b|b4|c|d|e)\s+(.+?)\s+-\s+-\s+-\s+(skipped: .*)$")
-
-
-def gemm_shape(cfg: tilemoe.MoEConfig, gemm: str) -> tuple[int, int]:
-    """(N, K) of a preset's expert GEMM: up = gate and up projections, down = the down projection."""
-    return (2 * cfg.ffn, cfg.hidden) if gemm == "up" else (cfg.hidden, cfg.ffn)
 
 
 def parse(output: str) -> list[dict]:

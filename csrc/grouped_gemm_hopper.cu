@@ -32,6 +32,7 @@
 // wholly inside the expert; an expert's last, partial block goes out by masked 16-byte stores.
 #include "tilemoe/grouped_gemm.cuh"
 #include "tilemoe/sm90_instructions.cuh"
+#include "tilemoe/swizzle.cuh"  // swizzled<64>: the staged C boxes, in TMA's 128-byte swizzle
 #include "tilemoe/tile_scheduler.cuh"
 
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
@@ -98,13 +99,6 @@ struct RingPosition {
     }
   }
 };
-
-// Element offset of (row, col) in a [rows][64] bf16 box stored with the 128-byte swizzle: the
-// 16-byte chunk index is XORed with row % 8, as the copy engine expects (and bank-conflict free
-// for the 8 rows a warp's fragment store touches).
-__device__ __forceinline__ int box_offset(int row, int col) {
-  return row * kStoreBox + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
-}
 #endif  // TILEMOE_SM90A
 
 template <HopperKernel kKernel>
@@ -215,9 +209,9 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
       for (int j = 0; j < kBN / 8; ++j) {
         __nv_bfloat16* box = staging + (j / 8) * 64 * kStoreBox;
         const int box_col = (j % 8) * 8 + col;
-        *reinterpret_cast<__nv_bfloat162*>(box + box_offset(row, box_col)) =
+        *reinterpret_cast<__nv_bfloat162*>(box + swizzled<kStoreBox>(row, box_col)) =
             __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
-        *reinterpret_cast<__nv_bfloat162*>(box + box_offset(row + 8, box_col)) =
+        *reinterpret_cast<__nv_bfloat162*>(box + swizzled<kStoreBox>(row + 8, box_col)) =
             __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
       }
       fence_proxy_async_shared();             // the writes above, visible to the copy engine ...
@@ -236,7 +230,7 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
           const int r = piece / (kBN / 8), cc = piece % (kBN / 8) * 8;
           if (block_row + r < t.row_end && t.col_start + cc < n) {
             *reinterpret_cast<uint4*>(c + (block_row + r) * n + t.col_start + cc) = *reinterpret_cast<const uint4*>(
-                staging + (cc / kStoreBox) * 64 * kStoreBox + box_offset(r, cc % kStoreBox));
+                staging + (cc / kStoreBox) * 64 * kStoreBox + swizzled<kStoreBox>(r, cc % kStoreBox));
           }
         }
       }

@@ -27,6 +27,7 @@
 // predicated on the row, so it never writes them.
 #include "tilemoe/grouped_gemm.cuh"
 #include "tilemoe/sm80_instructions.cuh"
+#include "tilemoe/swizzle.cuh"  // swizzled<cols>(row, col): the pipeline tiles and the epilogue tile
 #include "tilemoe/tile_scheduler.cuh"
 
 #include <algorithm>
@@ -54,14 +55,6 @@ struct Config {
   static_assert(kMmaN % 2 == 0, "B fragments are loaded two n8 tiles at a time");
 };
 
-
-// Element offset of (row, col) in a row-major [rows][kCols] bf16 tile whose 16-byte chunks are
-// XOR-swizzled by row % 8: the 8 rows an ldmatrix or a fragment store touches land in 8 different
-// bank groups. Used for the pipeline's [rows][kBK] tiles and the epilogue's [kBM][kBN] tile.
-template <int kCols>
-__device__ __forceinline__ int swizzled(int row, int col) {
-  return row * kCols + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
-}
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
