@@ -362,3 +362,52 @@ def test_swiglu_kernel_is_silu_gate_times_up(rows, ffn):
     assert out.shape == (rows, ffn) and (rows == 0 or tilemoe.rel_error(out, want) <= 1e-6)
     buffer = torch.empty(rows, ffn, device=DEVICE)
     assert ops_mod.swiglu(h, out=buffer) is buffer and torch.equal(buffer, out)
+
+
+METADATA_FIELDS = ("counts", "offsets", "sorted_slots", "sorted_tokens", "slot_position", "topk_ids")
+
+
+@needs_triton
+@pytest.mark.parametrize("chunk", [None, 64], ids=["one-launch", "chunks-of-64"])
+@pytest.mark.parametrize("case", [*RAGGED, "dropped-slots", "no-slots", "one-expert"])
+def test_metadata_kernel_is_the_pytorch_sort_bit_for_bit(case, chunk, monkeypatch):
+    """tilemoe/triton/metadata.py against build_routing's PyTorch ops: every field, every bit.
+    chunks-of-64 forces the two-launch path (several chunks) at test sizes."""
+    from tilemoe.triton import metadata
+
+    if chunk:
+        monkeypatch.setattr(metadata, "MAX_CHUNK", chunk)
+    if case == "dropped-slots":  # capacity drops: -1 ids, which sort after every expert
+        num_tokens, top_k, num_experts = 45, 3, 6
+        ids = distinct_ids(num_tokens, top_k, list(range(num_experts)), seed=5)
+        ids[torch.rand(ids.shape, generator=torch.Generator().manual_seed(6)) < 0.3] = -1
+    elif case == "no-slots":
+        num_tokens, top_k, num_experts, ids = 0, 2, 4, torch.empty(0, 2, dtype=torch.int64)
+    elif case == "one-expert":
+        num_tokens, top_k, num_experts, ids = 70, 1, 1, torch.zeros(70, 1, dtype=torch.int64)
+    else:
+        num_tokens, top_k, num_experts, ids = RAGGED[case]
+        ids = ids()
+    ids = ids.to(DEVICE)
+    weights = torch.rand(ids.shape, device=DEVICE)
+    want = tilemoe.routing.build_routing(ids, weights, weights, num_experts, has_empty_slots=case == "dropped-slots")
+    got = tilemoe.routing.build_routing(ids, weights, weights, num_experts, has_empty_slots=case == "dropped-slots",
+                                        fused=True)
+    for field in METADATA_FIELDS:
+        a, b = getattr(want, field), getattr(got, field)
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{field}: {b.tolist()} != {a.tolist()}"
+
+
+@needs_triton
+def test_moe_forward_builds_the_metadata_with_the_kernel():
+    """backend triton routes with fused=True: the metadata kernel runs (the PyTorch sort does not)."""
+    from tilemoe.triton import metadata
+
+    w = make_weights(32, 16, 8, dtype=torch.float32, device=DEVICE, seed=2)
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with mock.patch.object(metadata, "sort_by_expert", wraps=metadata.sort_by_expert) as kernel, \
+            mock.patch.object(torch, "argsort", side_effect=AssertionError("the PyTorch sort ran")):
+        y = tilemoe.moe_forward(x, **w, top_k=2, backend="triton")
+    assert kernel.call_count == 1
+    ref = tilemoe.reference_moe(x.double(), **{k: v.double() for k, v in w.items()}, top_k=2)
+    assert tilemoe.rel_error(y, ref) <= tilemoe.TOLERANCE[torch.float32]

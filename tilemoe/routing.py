@@ -187,30 +187,40 @@ def build_routing(
     *,
     capacity: int | None = None,
     has_empty_slots: bool | None = None,
+    fused: bool = False,
 ) -> Routing:
     """The metadata of a routing decision: counts, offsets and the permutation grouping slots by expert.
 
     Slots with id -1 are empty (dropped); has_empty_slots says whether there may be any
     (default: when a capacity was applied), so that no one has to look (a host sync).
+    fused: build it with one Triton launch (tilemoe/triton/metadata.py, the same result bit for
+    bit) where Triton runs on the ids' device; elsewhere with the PyTorch ops below.
     """
     num_tokens, top_k = topk_ids.shape
     if has_empty_slots is None:
         has_empty_slots = capacity is not None
-    flat = topk_ids.reshape(-1)
-    # Dropped slots (-1) sort after every expert, so the kept ones form the prefix [0, offsets[E]).
-    keys = torch.where(flat < 0, num_experts, flat) if has_empty_slots else flat
-    sorted_slots = torch.argsort(keys, stable=True)
-    slot_position = torch.empty_like(sorted_slots)
-    slot_position[sorted_slots] = torch.arange(flat.numel(), device=flat.device)
-    counts, offsets = expert_counts_and_offsets(topk_ids, num_experts)
+    ids32 = topk_ids.to(torch.int32)
+    if fused and _triton_available(topk_ids.device):
+        from .triton.metadata import sort_by_expert
+
+        counts, offsets, sorted_slots, sorted_tokens, slot_position = sort_by_expert(ids32.contiguous(), num_experts)
+    else:
+        flat = topk_ids.reshape(-1)
+        # Dropped slots (-1) sort after every expert, so the kept ones form the prefix [0, offsets[E]).
+        keys = torch.where(flat < 0, num_experts, flat) if has_empty_slots else flat
+        sorted_slots = torch.argsort(keys, stable=True)
+        slot_position = torch.empty_like(sorted_slots)
+        slot_position[sorted_slots] = torch.arange(flat.numel(), device=flat.device)
+        sorted_tokens = torch.div(sorted_slots, top_k, rounding_mode="floor")
+        counts, offsets = expert_counts_and_offsets(topk_ids, num_experts)
     return Routing(
-        topk_ids=topk_ids.to(torch.int32),
+        topk_ids=ids32,
         topk_weights=topk_weights,
         topk_scores=topk_scores,
         counts=counts,
         offsets=offsets,
         sorted_slots=sorted_slots,
-        sorted_tokens=torch.div(sorted_slots, top_k, rounding_mode="floor"),
+        sorted_tokens=sorted_tokens,
         slot_position=slot_position,
         capacity=capacity,
         has_empty_slots=has_empty_slots,
@@ -252,16 +262,19 @@ def check_router_options(
         checks.check_positive_float("capacity_factor", capacity_factor)
 
 
+def _triton_available(device: torch.device) -> bool:
+    """Whether the Triton kernels run on ``device`` (a GPU, or the CPU under TRITON_INTERPRET=1)."""
+    from .backends import triton_fused
+
+    return triton_fused.unavailable_reason(device, torch.float32, 1, 1) is None
+
+
 def _triton_router(*inputs: torch.Tensor):
     """tilemoe.triton.router where it may take these inputs (no gradient wanted through them, Triton
     compiled for their device), else None. The caller still asks it whether it ``supports`` them."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return None
-    if any(t.device != inputs[0].device for t in inputs):
-        return None
-    from .backends import triton_fused
-
-    if triton_fused.unavailable_reason(inputs[0].device, torch.float32, 1, 1) is not None:
+    if any(t.device != inputs[0].device for t in inputs) or not _triton_available(inputs[0].device):
         return None
     from .triton import router
 
@@ -288,7 +301,8 @@ def route(
     Switch/GShard). ``Routing.dropped`` reports which.
     fused: select the experts with one Triton kernel (tilemoe/triton/router.py: the same experts
     in the same order, weights equal to rounding) where it runs these logits (fp32 on a GPU, or
-    under TRITON_INTERPRET=1; no gradient to the logits); elsewhere the PyTorch ops.
+    under TRITON_INTERPRET=1; no gradient to the logits), and build the metadata with another
+    (tilemoe/triton/metadata.py, bit for bit the PyTorch result); elsewhere the PyTorch ops.
     """
     checks.check_float_tensor("logits", logits)
     if logits.dim() != 2 or logits.shape[1] == 0:
@@ -306,12 +320,13 @@ def route(
         ids, weights, scores = router.select_experts(logits, top_k, **options)
     else:
         ids, weights, scores = select_experts(logits, top_k, **options)
-    return _with_capacity(ids, weights, scores, num_experts, capacity_factor)
+    return _with_capacity(ids, weights, scores, num_experts, capacity_factor, fused)
 
 
 def _with_capacity(ids: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor, num_experts: int,
-                   capacity_factor: float | None) -> Routing:
-    """Drop each expert's overflow past capacity (if a factor is given), then build the metadata."""
+                   capacity_factor: float | None, fused: bool) -> Routing:
+    """Drop each expert's overflow past capacity (if a factor is given), then build the metadata
+    (``build_routing``, fused or not)."""
     num_tokens, top_k = ids.shape
     capacity = None
     if capacity_factor is not None:
@@ -319,7 +334,7 @@ def _with_capacity(ids: torch.Tensor, weights: torch.Tensor, scores: torch.Tenso
         drop = capacity_drop_mask(ids, scores, num_experts, capacity)
         ids = ids.masked_fill(drop, -1)
         weights = weights.masked_fill(drop, 0.0)
-    return build_routing(ids, weights, scores, num_experts, capacity=capacity)
+    return build_routing(ids, weights, scores, num_experts, capacity=capacity, fused=fused)
 
 
 def route_tokens(
@@ -353,7 +368,7 @@ def route_tokens(
                              topk_groups=topk_groups, routed_scaling=routed_scaling,
                              capacity_factor=capacity_factor, device=x.device)
         ids, weights, scores = router.select_experts(None, top_k, x=x, router_weight=router_weight, **options)
-        return _with_capacity(ids, weights, scores, num_experts, capacity_factor)
+        return _with_capacity(ids, weights, scores, num_experts, capacity_factor, fused=True)
     return route(router_logits(x, router_weight), top_k, capacity_factor=capacity_factor, fused=fused, **options)
 
 

@@ -67,5 +67,9 @@ def recompute_backward(forward: Callable, x: torch.Tensor, routing: Routing, w_g
     differentiable: its backward recomputes the experts through the PyTorch path ("grouped_mm"
     where it runs these inputs, else the "torch" loop) and differentiates that. Correct gradients
     for x, the routing weights (so the router) and both weight tensors, at the PyTorch path's
-    speed plus one extra forward."""
-    return _RecomputeBackward.apply(forward, x, routing.topk_weights, w_gate_up, w_down, routing)
+    speed plus one extra forward. Without any gradient wanted it is just ``forward`` (an autograd
+    Function costs host time that a decode batch notices)."""
+    inputs = (x, routing.topk_weights, w_gate_up, w_down)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        return forward(x, routing, w_gate_up, w_down)
+    return _RecomputeBackward.apply(forward, *inputs, routing)

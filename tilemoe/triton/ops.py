@@ -91,9 +91,8 @@ class Schedule:
         self.max_blocks = max(1, triton.cdiv(slots, block_m) + min(num_experts, slots))
         device = routing.counts.device
         self.block_m = block_m
-        self.expert = torch.empty(self.max_blocks, dtype=torch.int32, device=device)
-        self.row = torch.empty(self.max_blocks, dtype=torch.int32, device=device)
-        self.num_blocks = torch.empty(1, dtype=torch.int32, device=device)
+        table = torch.empty(2 * self.max_blocks + 1, dtype=torch.int32, device=device)  # one allocation
+        self.expert, self.row, self.num_blocks = table.split([self.max_blocks, self.max_blocks, 1])
         block_b = 64
         schedule_kernel[(triton.cdiv(self.max_blocks, block_b),)](
             routing.counts, routing.offsets, self.expert, self.row, self.num_blocks,
