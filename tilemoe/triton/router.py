@@ -38,21 +38,17 @@ def topk_router_kernel(
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
     NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
-    FROM_TOKENS: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT_W: tl.constexpr,
+    FROM_TOKENS: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """FROM_TOKENS: logits_ptr is x [T, H] and the logits x @ router_w^T [T, E] are computed here,
-    in fp32 registers, never stored; else logits_ptr holds them.
-
-    SPLIT_W (x in bf16/fp16, exact in TF32): two TF32 products, x @ hi(w) + x @ lo(w), where hi(w)
-    is w rounded to 10 mantissa bits and lo(w) = w - hi(w) (exact). Each product of x and hi(w) is
-    exact, and lo(w) in TF32 loses only bits past about the 22nd: fp32's accuracy in two
-    tensor-core passes, where Triton's "tf32x3" spends a third on x's low part, which is zero.
-    Otherwise (fp32 x) "tf32x3": three passes, Triton's split of both operands."""
+    in fp32 registers, never stored; else logits_ptr holds them."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
     t_ok = t < num_tokens
     e_ok = e < num_experts
     if FROM_TOKENS:
+        # x arrives in bf16/fp16: exact in fp32, and in TF32's 10-bit mantissa too, so 3xTF32
+        # products (hi*hi + hi*lo + lo*hi) of x and the fp32 weights keep about fp32's accuracy.
         h = tl.arange(0, BLOCK_H)
         rows = logits_ptr + t[:, None].to(tl.int64) * stride_t
         cols = router_w_ptr + e[None, :].to(tl.int64) * hidden
@@ -61,12 +57,7 @@ def topk_router_kernel(
             h_ok = h0 + h < hidden
             xs = tl.load(rows + (h0 + h)[None, :], mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
             ws = tl.load(cols + (h0 + h)[:, None], mask=e_ok[None, :] & h_ok[:, None], other=0.0)
-            if SPLIT_W:
-                hi = ((ws.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)  # round off 13 bits
-                acc = tl.dot(xs, hi, acc, input_precision="tf32")
-                acc = tl.dot(xs, ws - hi, acc, input_precision="tf32")
-            else:
-                acc = tl.dot(xs, ws, acc, input_precision="tf32x3")
+            acc = tl.dot(xs, ws, acc, input_precision=DOT_PRECISION)
         logits = tl.where(t_ok[:, None] & e_ok[None, :], acc, float("-inf"))
     else:
         logits = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :],
@@ -159,19 +150,15 @@ def _block_e(num_experts: int) -> int:
 
 
 def _tokens_per_program(num_tokens: int, num_experts: int) -> int:
-    """A tl.dot tile of tokens: 16 (the smallest) for a small batch, else 64.
-
-    Each program reads the whole router weight (from L2), so few, wide programs pay; measured on
-    an H200 at 16384 tokens over 32 to 128 tokens per program, 64 was the fastest or within 4% for
-    E = 8, 64, 128 and 256 (2.7x faster than the 32-64 of the previous rule on Qwen3, 2.4x on
-    DeepSeek-V3, with the split-W products)."""
-    return 16 if num_tokens <= 16 else 64
+    """A tl.dot tile: at least 16 tokens; up to 64 while the [T, E] fp32 tile stays small."""
+    return 16 if num_tokens <= 16 else max(16, min(64, 8192 // _block_e(num_experts)))
 
 
-def _hidden_per_step(num_experts: int) -> int:
-    """BLOCK_H: 64 columns of H per step, 32 at E > 128, where the [64, E] weight tile of 64
-    would spill (measured: 2.3x slower at E = 256)."""
-    return 64 if _block_e(num_experts) <= 128 else 32
+def _logits_steps(num_experts: int) -> tuple[int, int]:
+    """(BLOCK_H, num_warps) of the logits loop. Measured on an H200 at 16384 tokens, 64 tokens per
+    program: H in steps of 64 with 4 warps took Qwen3's router (E = 128) from 257 us (steps of 32,
+    8 warps) to 167 us. At E = 256 the tile of 64 spills (2.3x slower): steps of 32, 8 warps."""
+    return (64, 4) if _block_e(num_experts) <= 128 else (32, 8)
 
 
 def _experts_fit(num_experts: int, num_groups: int | None) -> bool:
@@ -200,6 +187,7 @@ def select_experts(logits: torch.Tensor | None, top_k: int, *, scoring: str, ren
         return ids, weights, scores
     block_e = _block_e(num_experts)
     block_t = _tokens_per_program(num_tokens, num_experts) if from_tokens else max(1, min(16, 4096 // block_e))
+    block_h, warps = _logits_steps(num_experts)
     grouped = num_groups is not None and num_groups > 1
     bias = score_bias.to(torch.float32).contiguous() if score_bias is not None else None
     topk_router_kernel[(triton.cdiv(num_tokens, block_t),)](
@@ -208,7 +196,7 @@ def select_experts(logits: torch.Tensor | None, top_k: int, *, scoring: str, ren
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=block_e,
         SIGMOID=scoring == "sigmoid", HAS_BIAS=score_bias is not None, RENORMALIZE=renormalize,
         NUM_GROUPS=num_groups if grouped else 1, TOPK_GROUPS=topk_groups if grouped else 1,
-        FROM_TOKENS=from_tokens, BLOCK_H=_hidden_per_step(num_experts),
-        SPLIT_W=from_tokens and x.dtype in (torch.bfloat16, torch.float16), num_warps=4,
+        FROM_TOKENS=from_tokens, BLOCK_H=block_h, DOT_PRECISION="tf32x3",
+        num_warps=warps if from_tokens else 4,
     )
     return ids, weights, scores
