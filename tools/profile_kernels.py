@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     backend = args.backend or ("triton" if on_gpu else "torch")
     if tokens < 1 or args.calls < 1:
         parser.error(f"--tokens and --calls: expected ints >= 1, got {tokens} and {args.calls}")
-    if (why := tilemoe.backends.unavailable_reason(backend, device, dtype, 1, 1)) is not None:
-        parser.error(f"--backend {backend}: {why}")
     cfg = tilemoe.get_preset(preset)
+    if (why := tilemoe.backends.unavailable_reason(backend, device, dtype, cfg.hidden, cfg.ffn)) is not None:
+        parser.error(f"--backend {backend}: {why}")
     w = cfg.init_weights(device=device, dtype=dtype, shared=False)
     x = torch.randn(tokens, cfg.hidden, device=device).to(dtype)
 
