@@ -31,6 +31,7 @@
 // its whole box (clipped only at the tensor's edges), so kAsyncStore uses it only for row blocks
 // wholly inside the expert; an expert's last, partial block goes out by masked 16-byte stores.
 #include "tilemoe/grouped_gemm.cuh"
+#include "tilemoe/sm80_instructions.cuh"  // cp.async: the gathered rows of x
 #include "tilemoe/sm90_instructions.cuh"
 #include "tilemoe/swizzle.cuh"  // swizzled<64>: the staged C boxes, in TMA's 128-byte swizzle
 #include "tilemoe/tile_scheduler.cuh"
@@ -51,27 +52,51 @@ using namespace sm90;
 constexpr int kBM = 128, kBN = 256, kBK = 64;
 constexpr int kConsumers = 2;  // consumer warpgroups, 64 of the tile's rows each
 constexpr int kATileBytes = kBM * kBK * 2, kWTileBytes = kBN * kBK * 2;
-constexpr int kStageBytes = kATileBytes + kWTileBytes;  // what one k-step's two copies deliver
+constexpr int kStageBytes = kATileBytes + kWTileBytes;  // what one k-step's copies deliver
 constexpr int kStoreBox = 64;                           // TMA store boxes of 64 x 64 (128-byte rows)
+
+// What the kernel does around the GEMM (the MoE layer's fusions; kAsyncStore kernels only):
+//   kNone:          C = A @ W^T, A's rows contiguous (the lesson's grouped GEMM).
+//   kGatherSwiglu:  the up-projection. Row r of A is x[gather[r]]: the whole producer warpgroup
+//                   copies those rows with cp.async (TMA cannot gather rows on Hopper), one row
+//                   per thread. W's 256 rows of a stage are 128 gate rows and the 128 matching up
+//                   rows, so the epilogue holds gate and up of the same column in one thread and
+//                   writes silu(gate) * up: a tile has 128 output columns.
+//   kScatterScale:  the down-projection. The epilogue multiplies row r by scale[scatter[r]] and
+//                   writes it to output row scatter[r] (its token-slot), so that combining a
+//                   token's K expert outputs is a sum of K consecutive rows.
+enum class Fusion { kNone, kGatherSwiglu, kScatterScale };
+
+struct FusionOperands {
+  const __nv_bfloat16* x = nullptr;  // kGatherSwiglu: [T, K] tokens
+  const int64_t* gather = nullptr;   // kGatherSwiglu: [M] grouped row -> token
+  const int64_t* scatter = nullptr;  // kScatterScale: [M] grouped row -> output row
+  const float* scale = nullptr;      // kScatterScale: [output rows] each output row's factor
+  int32_t up_row = 0;                // kGatherSwiglu: w's first up row (I)
+};
 
 __host__ __device__ constexpr bool warp_specialized(HopperKernel kernel) { return kernel != HopperKernel::kTmaRing; }
 __host__ __device__ constexpr bool async_store(HopperKernel kernel) { return kernel == HopperKernel::kAsyncStore; }
 __host__ __device__ constexpr int stages(HopperKernel kernel) { return async_store(kernel) ? 3 : 4; }
-__host__ __device__ constexpr int staging_bytes(HopperKernel kernel) { return async_store(kernel) ? kBM * kBN * 2 : 0; }
+// Output columns of a tile: SwiGLU turns W's 256 rows (gate and up) into 128 outputs.
+__host__ __device__ constexpr int out_columns(Fusion fusion) { return fusion == Fusion::kGatherSwiglu ? kBN / 2 : kBN; }
+__host__ __device__ constexpr int staging_bytes(HopperKernel kernel, Fusion fusion) {
+  return async_store(kernel) ? kBM * out_columns(fusion) * 2 : 0;
+}
 // 1024 bytes of slack to align the tiles (the 128-byte swizzle repeats every 1024 bytes).
-constexpr int smem_bytes(HopperKernel kernel) {
-  return 1024 + stages(kernel) * kStageBytes + staging_bytes(kernel) + 2 * stages(kernel) * 8 + kTilePrefixBytes;
+constexpr int smem_bytes(HopperKernel kernel, Fusion fusion) {
+  return 1024 + stages(kernel) * kStageBytes + staging_bytes(kernel, fusion) + 2 * stages(kernel) * 8 + kTilePrefixBytes;
 }
 constexpr int threads(HopperKernel kernel) { return 128 * (kConsumers + (warp_specialized(kernel) ? 1 : 0)); }
 
 #ifdef TILEMOE_SM90A  // the kernel's device helpers; other targets compile an empty kernel, never launched
 // The pieces of dynamic shared memory.
-template <HopperKernel kKernel>
+template <HopperKernel kKernel, Fusion kFusion>
 struct Shared {
   static constexpr int kStages = stages(kKernel);
-  __nv_bfloat16* a;        // [kStages][kBM][kBK], 128-byte swizzled rows (TMA writes them so)
+  __nv_bfloat16* a;        // [kStages][kBM][kBK], 128-byte swizzled rows (as TMA writes them)
   __nv_bfloat16* w;        // [kStages][kBN][kBK]
-  __nv_bfloat16* staging;  // kAsyncStore: per consumer, [kBN / 64][64][64] swizzled store boxes
+  __nv_bfloat16* staging;  // kAsyncStore: per consumer, [out columns / 64][64][64] swizzled boxes
   uint64_t* full;          // [kStages]: the stage's bytes have landed
   uint64_t* empty;         // [kStages]: every consumer warp is done reading the stage
   int* tile_start;         // [E + 1]: the scheduler's prefix sum
@@ -81,7 +106,7 @@ struct Shared {
     a = reinterpret_cast<__nv_bfloat16*>(aligned);
     w = reinterpret_cast<__nv_bfloat16*>(aligned + kStages * kATileBytes);
     staging = reinterpret_cast<__nv_bfloat16*>(aligned + kStages * kStageBytes);
-    full = reinterpret_cast<uint64_t*>(aligned + kStages * kStageBytes + staging_bytes(kKernel));
+    full = reinterpret_cast<uint64_t*>(aligned + kStages * kStageBytes + staging_bytes(kKernel, kFusion));
     empty = full + kStages;
     tile_start = reinterpret_cast<int*>(empty + kStages);
   }
@@ -99,24 +124,36 @@ struct RingPosition {
     }
   }
 };
+
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + __expf(-v)); }
 #endif  // TILEMOE_SM90A
 
-template <HopperKernel kKernel>
+template <HopperKernel kKernel, Fusion kFusion>
 __global__ void __launch_bounds__(threads(kKernel), 1)
     grouped_gemm_hopper_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
                                const __grid_constant__ CUtensorMap c_map, const int32_t* __restrict__ offsets,
-                               __nv_bfloat16* __restrict__ c, int64_t m_total, int num_experts, int n, int k) {
+                               __nv_bfloat16* __restrict__ c, int64_t m_total, int num_experts, int n, int k,
+                               const FusionOperands fused) {
+  static_assert(kFusion == Fusion::kNone || async_store(kKernel), "the fusions stage their epilogue (kAsyncStore)");
 #ifdef TILEMOE_SM90A
   constexpr int kStages = stages(kKernel);
   constexpr bool kWarpSpecialized = warp_specialized(kKernel), kAsyncStore = async_store(kKernel);
+  constexpr bool kGather = kFusion == Fusion::kGatherSwiglu, kScatter = kFusion == Fusion::kScatterScale;
+  constexpr int kOutBN = out_columns(kFusion);
+  // kGather: a producer thread signals a stage's A row once the next k-step's copies are issued.
+  // No more lag than one: a consumer frees a stage only after the next one is full (it keeps the
+  // previous k-step's wgmmas running), so with 3 stages a longer lag would wait on itself.
+  constexpr int kGatherLag = 1;
   using Ring = RingPosition<kStages>;
   extern __shared__ unsigned char raw[];
-  const Shared<kKernel> s(raw);
+  const Shared<kKernel, kFusion> s(raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warpgroup = threadIdx.x / 128;
+  const int wg_thread = threadIdx.x % 128;
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
-      mbarrier_init(&s.full[i], 1);                // the producer's arrive (plus the bytes)
+      // kGather: thread 0's arrive with W's bytes, plus one per producer thread once its A row landed.
+      mbarrier_init(&s.full[i], kGather ? 1 + 128 : 1);
       mbarrier_init(&s.empty[i], kConsumers * 4);  // one arrive per consumer warp
     }
     fence_barrier_init();
@@ -124,7 +161,8 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
   if (warp == 0) build_tile_prefix<kBM>(offsets, num_experts, s.tile_start);
   __syncthreads();
 
-  const int col_tiles = (n + kBN - 1) / kBN;
+  // n is the output's columns; kGather's W has 2 n rows (gate, then up from fused.up_row).
+  const int col_tiles = (n + kOutBN - 1) / kOutBN;
   const int64_t num_tiles = static_cast<int64_t>(s.tile_start[num_experts]) * col_tiles;
   const int k_steps = (k + kBK - 1) / kBK;
 
@@ -141,10 +179,55 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
   if constexpr (kWarpSpecialized) {
     if (warpgroup == 0) {  // the producer
       setmaxnreg_dec<40>();
-      if (threadIdx.x == 0) {
+      if constexpr (kGather) {
+        // Every thread copies its row of each A tile (8 pieces of 16 bytes per k-step) into the
+        // 128-byte swizzled layout wgmma reads. cp.async writes through the generic proxy and
+        // wgmma reads through the async proxy, so a stage is announced only once its copies are
+        // complete and fenced: kGatherLag k-steps later, keeping that many in flight per thread.
+        Ring fill, ready;
+        int in_flight = 0;
+        for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+          const Tile t = locate<kBM, kOutBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
+          // Rows past the expert's end repeat its last row: in bounds, and never stored.
+          const int64_t row = min(t.row_start + wg_thread, t.row_end - 1);
+          const __nv_bfloat16* src = fused.x + static_cast<int64_t>(fused.gather[row]) * k;
+          for (int step = 0; step < k_steps; ++step) {
+            mbarrier_wait(&s.empty[fill.stage], fill.phase ^ 1);
+            if (wg_thread == 0) {
+              __nv_bfloat16* w_stage = s.w + fill.stage * kBN * kBK;
+              mbarrier_arrive_expect_tx(&s.full[fill.stage], kWTileBytes);
+              tma_load_3d(w_stage, &w_map, &s.full[fill.stage], step * kBK, t.col_start, t.expert);
+              tma_load_3d(w_stage + kOutBN * kBK, &w_map, &s.full[fill.stage], step * kBK, fused.up_row + t.col_start,
+                          t.expert);
+            }
+            const __nv_bfloat16* a_stage = s.a + fill.stage * kBM * kBK;
+#pragma unroll
+            for (int piece = 0; piece < kBK / 8; ++piece) {
+              const int col = step * kBK + piece * 8;  // K is a multiple of 8: a piece is all in or all out
+              sm80::cp_async_16(shared_address(a_stage + swizzled<kBK>(wg_thread, piece * 8)), src + min(col, k - 8),
+                                col < k);
+            }
+            sm80::cp_async_commit();
+            fill.advance();
+            if (++in_flight > kGatherLag) {
+              sm80::cp_async_wait<kGatherLag>();
+              fence_proxy_async_shared();
+              mbarrier_arrive(&s.full[ready.stage]);
+              ready.advance();
+              --in_flight;
+            }
+          }
+        }
+        sm80::cp_async_wait<0>();
+        fence_proxy_async_shared();
+        for (; in_flight > 0; --in_flight) {
+          mbarrier_arrive(&s.full[ready.stage]);
+          ready.advance();
+        }
+      } else if (threadIdx.x == 0) {
         Ring fill;
         for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-          const Tile t = locate<kBM, kBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
+          const Tile t = locate<kBM, kOutBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
           for (int step = 0; step < k_steps; ++step) load(t, step, fill);
         }
       }
@@ -154,10 +237,9 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
   }
 
   const int consumer = kWarpSpecialized ? warpgroup - 1 : warpgroup;  // rows 64 * consumer ... + 63
-  const int wg_thread = threadIdx.x % 128;
   Ring read, fill;  // fill: thread 0's copies (kTmaRing only)
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-    const Tile t = locate<kBM, kBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
+    const Tile t = locate<kBM, kOutBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
     if constexpr (!kWarpSpecialized) {
       if (threadIdx.x == 0) {
         for (int step = 0; step < min(kStages, k_steps); ++step) load(t, step, fill);
@@ -202,34 +284,49 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
     const int64_t block_row = t.row_start + consumer * 64;  // this consumer's first row
     if constexpr (kAsyncStore) {
       // Into shared memory as 64 x 64 boxes, then out through the copy engine.
-      __nv_bfloat16* staging = s.staging + consumer * 64 * kBN;
+      __nv_bfloat16* staging = s.staging + consumer * 64 * kOutBN;
       if (wg_thread == 0) bulk_wait_read<0>();  // the previous tile's stores have read the buffer
       named_barrier_sync(1 + consumer, 128);
+      float scale0 = 1.0f, scale1 = 1.0f;
+      if constexpr (kScatter) {  // each row's routing weight; rows past the expert's end are not stored
+        if (block_row + row < t.row_end) scale0 = fused.scale[fused.scatter[block_row + row]];
+        if (block_row + row + 8 < t.row_end) scale1 = fused.scale[fused.scatter[block_row + row + 8]];
+      }
 #pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) {
+      for (int j = 0; j < kOutBN / 8; ++j) {
         __nv_bfloat16* box = staging + (j / 8) * 64 * kStoreBox;
         const int box_col = (j % 8) * 8 + col;
+        float v0 = acc[4 * j], v1 = acc[4 * j + 1], v2 = acc[4 * j + 2], v3 = acc[4 * j + 3];
+        if constexpr (kGather) {  // up at W rows 128..255: accumulator columns 128 further on
+          constexpr int kUp = 4 * (kBN / 2 / 8);
+          v0 = silu(v0) * acc[kUp + 4 * j];
+          v1 = silu(v1) * acc[kUp + 4 * j + 1];
+          v2 = silu(v2) * acc[kUp + 4 * j + 2];
+          v3 = silu(v3) * acc[kUp + 4 * j + 3];
+        }
         *reinterpret_cast<__nv_bfloat162*>(box + swizzled<kStoreBox>(row, box_col)) =
-            __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
+            __floats2bfloat162_rn(v0 * scale0, v1 * scale0);
         *reinterpret_cast<__nv_bfloat162*>(box + swizzled<kStoreBox>(row + 8, box_col)) =
-            __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+            __floats2bfloat162_rn(v2 * scale1, v3 * scale1);
       }
       fence_proxy_async_shared();             // the writes above, visible to the copy engine ...
       named_barrier_sync(1 + consumer, 128);  // ... from every thread of this warpgroup
-      if (block_row + 64 <= t.row_end) {
+      if (!kScatter && block_row + 64 <= t.row_end) {
         // All 64 rows are the expert's: one thread issues the stores (columns past N are clipped).
         if (wg_thread == 0) {
-          for (int b = 0; b < kBN / kStoreBox && t.col_start + b * kStoreBox < n; ++b) {
+          for (int b = 0; b < kOutBN / kStoreBox && t.col_start + b * kStoreBox < n; ++b) {
             tma_store_2d(&c_map, staging + b * 64 * kStoreBox, t.col_start + b * kStoreBox, static_cast<int>(block_row));
           }
           bulk_commit();
         }
       } else {
-        // The expert's last rows: 16-byte pieces, masked by row (and by N: a multiple of 8).
-        for (int piece = wg_thread; piece < 64 * kBN / 8; piece += 128) {
-          const int r = piece / (kBN / 8), cc = piece % (kBN / 8) * 8;
+        // 16-byte pieces, masked by row (and by N: a multiple of 8): an expert's last rows, and
+        // every row of kScatter, whose rows go to their slots.
+        for (int piece = wg_thread; piece < 64 * kOutBN / 8; piece += 128) {
+          const int r = piece / (kOutBN / 8), cc = piece % (kOutBN / 8) * 8;
           if (block_row + r < t.row_end && t.col_start + cc < n) {
-            *reinterpret_cast<uint4*>(c + (block_row + r) * n + t.col_start + cc) = *reinterpret_cast<const uint4*>(
+            const int64_t out_row = kScatter ? fused.scatter[block_row + r] : block_row + r;
+            *reinterpret_cast<uint4*>(c + out_row * n + t.col_start + cc) = *reinterpret_cast<const uint4*>(
                 staging + (cc / kStoreBox) * 64 * kStoreBox + swizzled<kStoreBox>(r, cc % kStoreBox));
           }
         }
@@ -289,7 +386,7 @@ cudaError_t encode(CUtensorMap* map, const void* base, int rank, const cuuint64_
 // The SMs of the device, once per device and kernel (with the shared-memory limit raised), or
 // cudaErrorNotSupported when this GPU cannot run the kernel: not compute capability 9.0, or this
 // library was built without the sm_90a target.
-template <HopperKernel kKernel>
+template <HopperKernel kKernel, Fusion kFusion>
 cudaError_t persistent_ctas(int* ctas) {
   static int cache[kMaxCachedDevices] = {};
   return cached_per_device(cache, ctas, [](int device, int* found) {
@@ -300,51 +397,70 @@ cudaError_t persistent_ctas(int* ctas) {
     if (err != cudaSuccess) return err;
     if (major != 9 || minor != 0) return cudaErrorNotSupported;
     cudaFuncAttributes attributes;
-    err = cudaFuncGetAttributes(&attributes, grouped_gemm_hopper_kernel<kKernel>);
+    err = cudaFuncGetAttributes(&attributes, grouped_gemm_hopper_kernel<kKernel, kFusion>);
     if (err == cudaErrorInvalidDeviceFunction || err == cudaErrorNoKernelImageForDevice) {
       (void)cudaGetLastError();  // not built for this GPU: clear the error, report "not supported"
       return cudaErrorNotSupported;
     }
     if (err != cudaSuccess) return err;
     if (attributes.binaryVersion != 90) return cudaErrorNotSupported;  // e.g. sm_80 code JIT-compiled
-    err = cudaFuncSetAttribute(grouped_gemm_hopper_kernel<kKernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               smem_bytes(kKernel));
+    err = cudaFuncSetAttribute(grouped_gemm_hopper_kernel<kKernel, kFusion>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(kKernel, kFusion));
     if (err != cudaSuccess) return err;
     *found = sms;  // about 200 KB of shared memory: one CTA per SM
     return cudaSuccess;
   });
 }
 
-template <HopperKernel kKernel>
-cudaError_t launch(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t* offsets, __nv_bfloat16* c,
-                   int64_t m_total, int32_t num_experts, int32_t n, int32_t k, cudaStream_t stream) {
+// A row-major bf16 [rows, cols] as a 2-D tensor map with boxes of box_rows x 64.
+cudaError_t encode_2d(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, int box_rows) {
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};
+  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(box_rows)};
+  return encode(map, base, 2, dims, strides, box);
+}
+
+// The experts' weights [E, rows, K] as a 3-D tensor map with boxes of box_rows x 64 (x 1 expert).
+cudaError_t encode_weights(CUtensorMap* map, const void* w, int32_t num_experts, int64_t rows, int64_t k,
+                           int box_rows) {
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(num_experts)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(k) * 2, static_cast<cuuint64_t>(rows * k) * 2};
+  const cuuint32_t box[3] = {kBK, static_cast<cuuint32_t>(box_rows), 1};
+  return encode(map, w, 3, dims, strides, box);
+}
+
+// Launch over a's m_total grouped rows with n output columns; the tensor maps are built on the
+// host for every call (a few microseconds, no sync) and passed by value as __grid_constant__.
+template <HopperKernel kKernel, Fusion kFusion>
+cudaError_t launch(const CUtensorMap& a_map, const CUtensorMap& w_map, const CUtensorMap& c_map,
+                   const int32_t* offsets, __nv_bfloat16* c, int64_t m_total, int32_t num_experts, int32_t n,
+                   int32_t k, const FusionOperands& fused, cudaStream_t stream) {
   int ctas = 0;
-  cudaError_t err = persistent_ctas<kKernel>(&ctas);
+  const cudaError_t err = persistent_ctas<kKernel, kFusion>(&ctas);
   if (err != cudaSuccess) return err;
-  // The tensor maps: built on the host for every call (a few microseconds, no sync), passed to
-  // the kernel by value as __grid_constant__ parameters.
-  CUtensorMap a_map, w_map;
-  const cuuint64_t a_dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(m_total)};
-  const cuuint64_t a_strides[1] = {static_cast<cuuint64_t>(k) * 2};
-  const cuuint32_t a_box[2] = {kBK, kBM};
-  const cuuint64_t w_dims[3] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(n),
-                                static_cast<cuuint64_t>(num_experts)};
-  const cuuint64_t w_strides[2] = {static_cast<cuuint64_t>(k) * 2, static_cast<cuuint64_t>(n) * k * 2};
-  const cuuint32_t w_box[3] = {kBK, kBN, 1};
-  CUtensorMap c_map;  // kAsyncStore's stores: [M, N] in 64 x 64 boxes
-  const cuuint64_t c_dims[2] = {static_cast<cuuint64_t>(n), static_cast<cuuint64_t>(m_total)};
-  const cuuint64_t c_strides[1] = {static_cast<cuuint64_t>(n) * 2};
-  const cuuint32_t c_box[2] = {kStoreBox, kStoreBox};
-  err = encode(&a_map, a, 2, a_dims, a_strides, a_box);
-  if (err == cudaSuccess) err = encode(&w_map, w, 3, w_dims, w_strides, w_box);
-  if (err == cudaSuccess) err = encode(&c_map, c, 2, c_dims, c_strides, c_box);
-  if (err != cudaSuccess) return err;
-  const int64_t col_tiles = (n + kBN - 1) / kBN;
+  const int64_t col_tiles = (n + out_columns(kFusion) - 1) / out_columns(kFusion);
   const int64_t max_tiles = (m_total / kBM + num_experts) * col_tiles;
   const int grid = static_cast<int>(std::min<int64_t>(ctas, max_tiles));
-  grouped_gemm_hopper_kernel<kKernel><<<grid, threads(kKernel), smem_bytes(kKernel), stream>>>(
-      a_map, w_map, c_map, offsets, c, m_total, num_experts, n, k);
+  grouped_gemm_hopper_kernel<kKernel, kFusion><<<grid, threads(kKernel), smem_bytes(kKernel, kFusion), stream>>>(
+      a_map, w_map, c_map, offsets, c, m_total, num_experts, n, k, fused);
   return cudaGetLastError();
+}
+
+template <HopperKernel kKernel>
+cudaError_t launch_plain(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t* offsets, __nv_bfloat16* c,
+                         int64_t m_total, int32_t num_experts, int32_t n, int32_t k, cudaStream_t stream) {
+  CUtensorMap a_map, w_map, c_map;  // c_map: kAsyncStore's stores, [M, N] in 64 x 64 boxes
+  cudaError_t err = encode_2d(&a_map, a, m_total, k, kBM);
+  if (err == cudaSuccess) err = encode_weights(&w_map, w, num_experts, n, k, kBN);
+  if (err == cudaSuccess) err = encode_2d(&c_map, c, m_total, n, kStoreBox);
+  if (err != cudaSuccess) return err;
+  return launch<kKernel, Fusion::kNone>(a_map, w_map, c_map, offsets, c, m_total, num_experts, n, k, {}, stream);
+}
+
+bool bad_sizes(int64_t m_total, int32_t num_experts, int32_t n, int32_t k) {
+  return num_experts < 1 || num_experts > kGroupedGemmMaxExperts || n <= 0 || k <= 0 || n % 8 || k % 8 ||
+         m_total < 0 || m_total > INT32_MAX;
 }
 
 }  // namespace
@@ -352,25 +468,58 @@ cudaError_t launch(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t
 cudaError_t launch_grouped_gemm_hopper(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t* offsets,
                                        __nv_bfloat16* c, int64_t m_total, int32_t num_experts, int32_t n,
                                        int32_t k, HopperKernel kernel, cudaStream_t stream) {
-  if (num_experts < 1 || num_experts > kGroupedGemmMaxExperts || n <= 0 || k <= 0 || n % 8 || k % 8 ||
-      m_total < 0 || m_total > INT32_MAX) {
-    return cudaErrorInvalidValue;
-  }
+  if (bad_sizes(m_total, num_experts, n, k)) return cudaErrorInvalidValue;
   if (m_total == 0) return cudaSuccess;
   switch (kernel) {
     case HopperKernel::kTmaRing:
-      return launch<HopperKernel::kTmaRing>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+      return launch_plain<HopperKernel::kTmaRing>(a, w, offsets, c, m_total, num_experts, n, k, stream);
     case HopperKernel::kWarpSpecialized:
-      return launch<HopperKernel::kWarpSpecialized>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+      return launch_plain<HopperKernel::kWarpSpecialized>(a, w, offsets, c, m_total, num_experts, n, k, stream);
     case HopperKernel::kAsyncStore:
-      return launch<HopperKernel::kAsyncStore>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+      return launch_plain<HopperKernel::kAsyncStore>(a, w, offsets, c, m_total, num_experts, n, k, stream);
   }
   return cudaErrorInvalidValue;
 }
 
+cudaError_t launch_moe_up_hopper(const __nv_bfloat16* x, int64_t num_tokens, const int64_t* gather,
+                                 const __nv_bfloat16* w_gate_up, const int32_t* offsets, __nv_bfloat16* act,
+                                 int64_t m_total, int32_t num_experts, int32_t ffn, int32_t k, cudaStream_t stream) {
+  if (bad_sizes(m_total, num_experts, ffn, k) || num_tokens < 1) return cudaErrorInvalidValue;
+  if (m_total == 0) return cudaSuccess;
+  CUtensorMap a_map{}, w_map, c_map;  // A is gathered by cp.async: no map
+  cudaError_t err = encode_weights(&w_map, w_gate_up, num_experts, 2 * static_cast<int64_t>(ffn), k, kBN / 2);
+  if (err == cudaSuccess) err = encode_2d(&c_map, act, m_total, ffn, kStoreBox);
+  if (err != cudaSuccess) return err;
+  FusionOperands fused;
+  fused.x = x;
+  fused.gather = gather;
+  fused.up_row = ffn;
+  return launch<HopperKernel::kAsyncStore, Fusion::kGatherSwiglu>(a_map, w_map, c_map, offsets, act, m_total,
+                                                                   num_experts, ffn, k, fused, stream);
+}
+
+cudaError_t launch_moe_down_hopper(const __nv_bfloat16* act, const __nv_bfloat16* w_down, const int32_t* offsets,
+                                   const int64_t* scatter, const float* scale, __nv_bfloat16* out, int64_t m_total,
+                                   int32_t num_experts, int32_t n, int32_t k, cudaStream_t stream) {
+  if (bad_sizes(m_total, num_experts, n, k)) return cudaErrorInvalidValue;
+  if (m_total == 0) return cudaSuccess;
+  CUtensorMap a_map, w_map, c_map{};  // rows go to their slots by 16-byte stores: no store map
+  cudaError_t err = encode_2d(&a_map, act, m_total, k, kBM);
+  if (err == cudaSuccess) err = encode_weights(&w_map, w_down, num_experts, n, k, kBN);
+  if (err != cudaSuccess) return err;
+  FusionOperands fused;
+  fused.scatter = scatter;
+  fused.scale = scale;
+  return launch<HopperKernel::kAsyncStore, Fusion::kScatterScale>(a_map, w_map, c_map, offsets, out, m_total,
+                                                                   num_experts, n, k, fused, stream);
+}
+
 cudaError_t grouped_gemm_hopper_supported() {
   int ctas = 0;
-  return persistent_ctas<HopperKernel::kAsyncStore>(&ctas);
+  cudaError_t err = persistent_ctas<HopperKernel::kAsyncStore, Fusion::kNone>(&ctas);
+  if (err == cudaSuccess) err = persistent_ctas<HopperKernel::kAsyncStore, Fusion::kGatherSwiglu>(&ctas);
+  if (err == cudaSuccess) err = persistent_ctas<HopperKernel::kAsyncStore, Fusion::kScatterScale>(&ctas);
+  return err;
 }
 
 }  // namespace tilemoe

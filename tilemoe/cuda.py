@@ -28,7 +28,7 @@ except ImportError:  # built without nvcc: the pure-Python install
 
 __all__ = [
     "available", "unavailable_reason", "expert_counts", "grouped_gemm", "GROUPED_GEMM_VARIANTS",
-    "hopper_unavailable_reason", "mma_peak_probe",
+    "hopper_unavailable_reason", "moe_up", "moe_down", "mma_peak_probe",
 ]
 
 _INT32_MAX = 2**31 - 1
@@ -261,14 +261,159 @@ def hopper_unavailable_reason(device: torch.device | str | None = None) -> str |
     return _hopper_reasons[index]
 
 
-def _check_offsets(values: list[int], rows: int) -> None:
+# %% The MoE layer's fused Hopper GEMMs ------------------------------------------------------------
+
+def _check_operands(function: str, operands: dict, device_of: torch.Tensor) -> None:
+    """Every operand: a contiguous CUDA tensor of its dtype and dimensions on device_of's device,
+    bf16 ones 16-byte aligned (TMA and cp.async move 16-byte pieces). operands: name -> (tensor,
+    dims, dtype). Then the Hopper kernels must run there."""
+    for name, (t, dims, dtype) in operands.items():
+        checks.check_tensor(name, t)
+        if t.dtype != dtype:
+            checks.fail(name, f"dtype {dtype}", t.dtype, TypeError)
+        if t.dim() != dims:
+            checks.fail(name, f"a {dims}-D tensor", f"shape {list(t.shape)}")
+    for name, (t, _, dtype) in operands.items():
+        checks.check_contiguous(name, t)
+        if t.device.type != "cuda":
+            checks.fail(name, "a CUDA tensor", f"device {t.device}")
+        if t.device != device_of.device:
+            checks.fail(name, f"device {device_of.device}", t.device)
+        if dtype == torch.bfloat16 and t.data_ptr() % 16:
+            checks.fail(name, "a 16-byte aligned start (a fresh tensor, or a view at a multiple of 8 elements)",
+                        f"address {t.data_ptr():#x}")
+    if why := hopper_unavailable_reason(device_of.device):
+        raise RuntimeError(f"tilemoe.cuda.{function} is unavailable: {why}")
+
+
+def _check_weight(name: str, w: torch.Tensor, k: int, what: str) -> tuple[int, int]:
+    """(E, rows) of a weight [E, rows, K] after checking its sizes against the kernels' limits."""
+    num_experts, w_rows, w_k = w.shape
+    if w_k != k:
+        checks.fail(name, f"shape {what}", list(w.shape))
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        checks.fail(name, f"1 to {MAX_EXPERTS} experts", f"E = {num_experts}")
+    for label, value in (("rows", w_rows), ("K", k)):
+        if value == 0 or value % 8 or value > _INT32_MAX // 8:
+            checks.fail(name, f"{label} a positive multiple of 8 (16-byte rows)", f"{label} = {value} (shape {list(w.shape)})")
+    return num_experts, w_rows
+
+
+def _check_grouping(offsets: torch.Tensor, num_experts: int, rows: int, index: torch.Tensor, index_name: str,
+                    bound: int, validate: bool) -> None:
+    if offsets.shape[0] != num_experts + 1:
+        checks.fail("offsets", f"shape [E + 1] = [{num_experts + 1}]", list(offsets.shape))
+    if index.shape[0] != rows:
+        checks.fail(index_name, f"shape [M] = [{rows}] (one entry per grouped row)", list(index.shape))
+    if rows > _INT32_MAX:
+        checks.fail(index_name, f"at most {_INT32_MAX} grouped rows", rows)
+    if validate and rows:  # one host sync: the offsets and the index range
+        values = offsets.tolist()
+        _check_offsets(values, rows, exact=False)
+        used = index[: values[-1]]
+        if used.numel():
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(used)).tolist())
+            if lo < 0 or hi >= bound:
+                checks.fail(index_name, f"entries in [0, {bound}) for the rows offsets cover", lo if lo < 0 else hi)
+
+
+def _out(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """out after checking it (bf16, shape, contiguous, like's device, 16-byte aligned), or a new tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=torch.bfloat16, device=like.device)
+    checks.check_tensor("out", out)
+    if out.dtype != torch.bfloat16:
+        checks.fail("out", "dtype torch.bfloat16", out.dtype, TypeError)
+    checks.check_shape("out", out, shape, f"[{shape[0]}, {shape[1]}]")
+    checks.check_contiguous("out", out)
+    if out.device != like.device:
+        checks.fail("out", f"device {like.device}", out.device)
+    if out.data_ptr() % 16:
+        checks.fail("out", "a 16-byte aligned start (a fresh tensor, or a view at a multiple of 8 elements)",
+                    f"address {out.data_ptr():#x}")
+    return out
+
+
+def moe_up(x: torch.Tensor, w_gate_up: torch.Tensor, offsets: torch.Tensor, gather: torch.Tensor, *,
+           out: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
+    """The up-projection with the gather and SwiGLU fused:
+    ``act[r] = silu(x[gather[r]] @ Wg[e]^T) * (x[gather[r]] @ Wu[e]^T)`` for every grouped row r of
+    expert e (``offsets[e] <= r < offsets[e + 1]``), Wg / Wu rows 0..I-1 / I..2I-1 of w_gate_up[e].
+
+    Args:
+        x: [T, K] bfloat16 CUDA tensor, contiguous: the tokens (read in place: no permuted copy).
+        w_gate_up: [E, 2I, K] bfloat16, contiguous (DESIGN.md's layout); 2I and K multiples of 8.
+        offsets: [E + 1] int32: a Routing's offsets; offsets[E] <= M.
+        gather: [M] int64: the token of each grouped row (a Routing's ``sorted_tokens``).
+        out: [M, I] bfloat16 to write into, or None for a new tensor.
+        validate: check the offsets and the token indices first (one host sync). With False
+            nothing is read back (a hot path, CUDA-graph capture).
+
+    Returns:
+        act [M, I] bfloat16, written for rows 0 .. offsets[E] - 1 (fp32 accumulation and SwiGLU,
+        rounded once). Runs on a compute capability 9.0 GPU (a build with the 90a target) on the
+        current stream; RuntimeError with the reason elsewhere.
+    """
+    _check_operands("moe_up", {"x": (x, 2, torch.bfloat16), "w_gate_up": (w_gate_up, 3, torch.bfloat16),
+                               "offsets": (offsets, 1, torch.int32), "gather": (gather, 1, torch.int64)}, x)
+    num_tokens, k = x.shape
+    num_experts, two_i = _check_weight("w_gate_up", w_gate_up, k, f"[E, 2I, K] with K = {k} (x's columns)")
+    if two_i % 16:
+        checks.fail("w_gate_up", "2I a multiple of 16 (I a multiple of 8)", f"2I = {two_i}")
+    ffn, rows = two_i // 2, gather.shape[0]
+    _check_grouping(offsets, num_experts, rows, gather, "gather", num_tokens, validate)
+    act = _out(out, (rows, ffn), x)
+    if rows and num_tokens:
+        _C.moe_up_hopper(x.data_ptr(), num_tokens, gather.data_ptr(), w_gate_up.data_ptr(), offsets.data_ptr(),
+                         act.data_ptr(), rows, num_experts, ffn, k, torch.cuda.current_stream(x.device).cuda_stream,
+                         x.device.index)
+    return act
+
+
+def moe_down(act: torch.Tensor, w_down: torch.Tensor, offsets: torch.Tensor, scatter: torch.Tensor,
+             scale: torch.Tensor, *, out: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
+    """The down-projection with the routing weights and the un-permute fused:
+    ``out[scatter[r]] = scale[scatter[r]] * (act[r] @ w_down[e]^T)`` for every grouped row r of expert e.
+
+    Args:
+        act: [M, I] bfloat16 CUDA tensor, contiguous: the activations in grouped (expert) order.
+        w_down: [E, H, I] bfloat16, contiguous; H and I multiples of 8.
+        offsets: [E + 1] int32: a Routing's offsets; offsets[E] <= M.
+        scatter: [M] int64: the output row (token-slot) of each grouped row (``sorted_slots``).
+        scale: [S] float32: each output row's factor (``topk_weights.reshape(-1)``); S output rows.
+        out: [S, H] bfloat16 to write into, or None for a new tensor (``torch.empty``).
+        validate: check the offsets and the slot indices first (one host sync).
+
+    Returns:
+        out [S, H]: row s holds slot s's weighted expert output; rows no grouped row maps to
+        (dropped slots) are not written. A token's K slots are K consecutive rows, so combining
+        is a sum of rows. Compute capability 9.0 only, as ``moe_up``.
+    """
+    _check_operands("moe_down", {"act": (act, 2, torch.bfloat16), "w_down": (w_down, 3, torch.bfloat16),
+                                 "offsets": (offsets, 1, torch.int32), "scatter": (scatter, 1, torch.int64),
+                                 "scale": (scale, 1, torch.float32)}, act)
+    rows, k = act.shape
+    num_experts, hidden = _check_weight("w_down", w_down, k, f"[E, H, I] with I = {k} (act's columns)")
+    slots = scale.shape[0]
+    _check_grouping(offsets, num_experts, rows, scatter, "scatter", slots, validate)
+    result = _out(out, (slots, hidden), act)
+    if rows and slots:
+        _C.moe_down_hopper(act.data_ptr(), w_down.data_ptr(), offsets.data_ptr(), scatter.data_ptr(),
+                           scale.data_ptr(), result.data_ptr(), rows, num_experts, hidden, k,
+                           torch.cuda.current_stream(act.device).cuda_stream, act.device.index)
+    return result
+
+
+def _check_offsets(values: list[int], rows: int, *, exact: bool = True) -> None:
+    """offsets start at 0, never decrease and end at M (exact) or at most at M (dropped rows)."""
     if values[0] != 0:
         checks.fail("offsets", "offsets[0] = 0", f"offsets[0] = {values[0]}")
     for e, (lo, hi) in enumerate(zip(values, values[1:])):
         if hi < lo:
             checks.fail("offsets", "non-decreasing values", f"offsets[{e}] = {lo} > offsets[{e + 1}] = {hi}")
-    if values[-1] != rows:
-        checks.fail("offsets", f"offsets[E] = M = {rows} (a's rows)", f"offsets[{len(values) - 1}] = {values[-1]}")
+    if values[-1] != rows if exact else values[-1] > rows:
+        expected = f"offsets[E] = M = {rows} (a's rows)" if exact else f"offsets[E] <= M = {rows}"
+        checks.fail("offsets", expected, f"offsets[{len(values) - 1}] = {values[-1]}")
 
 
 def mma_peak_probe(device: torch.device | str | None = None, *, iterations: int = 2048) -> tuple[Callable[[], None], float]:

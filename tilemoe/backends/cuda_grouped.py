@@ -1,12 +1,21 @@
-"""Backend "cuda": the chapter's CUDA C++ grouped GEMMs behind moe_forward: on a compute capability
-9.0 GPU the Hopper kernel (csrc/grouped_gemm_hopper.cu: TMA, wgmma, warp specialization), elsewhere
-the persistent mma.sync kernel (csrc/grouped_gemm_tiled.cu); ``tilemoe.cuda.grouped_gemm``'s
-variant "auto" picks.
+"""Backend "cuda": the chapter's CUDA C++ grouped GEMMs behind moe_forward.
 
-The same pipeline as "grouped_mm", with the chapter's persistent tensor-core kernels in place of
-torch's: gather each slot's row of x in expert order, one grouped GEMM for the up-projection,
-SwiGLU (PyTorch), one grouped GEMM for the down-projection, the weighted combine. The kernel reads
-routing.offsets on the device: no host synchronization, capturable in a CUDA graph.
+On a compute capability 9.0 GPU (a build with the 90a target) it runs the MoE layer's fused Hopper
+GEMMs (csrc/grouped_gemm_hopper.cu: TMA, wgmma, warp specialization, a staged epilogue):
+
+1. ``tilemoe.cuda.moe_up``: x's rows read through the permutation by the producer warpgroup
+   (cp.async), gate and up in one 128 x 256 wgmma tile, SwiGLU in the epilogue -> act [T*K, I];
+2. ``tilemoe.cuda.moe_down``: act @ w_down[e]^T, each row scaled by its routing weight and written
+   to its token-slot's row -> [T*K, H];
+3. the combine: a sum of each token's K consecutive rows (tilemoe.triton.ops.combine, in fp32).
+
+Routing comes from the one-launch Triton router and metadata kernel (FUSED_ROUTING), like backend
+"triton": no host synchronization anywhere, capturable in a CUDA graph.
+
+Elsewhere (sm_80 and up) it runs the unfused pipeline of "grouped_mm" with the persistent
+mma.sync kernel (csrc/grouped_gemm_tiled.cu) in place of torch's: gather each slot's row of x in
+expert order, one grouped GEMM for the up-projection, SwiGLU (PyTorch), one for the
+down-projection, the weighted combine.
 
 Gradients: the kernels are forward-only; the backward recomputes through the PyTorch path
 (``common.recompute_backward``), so backend="auto" trains with another backend.
@@ -20,9 +29,12 @@ import torch
 
 from .. import checks, cuda
 from ..routing import Routing
+from . import triton_fused
 from .common import combine, recompute_backward, swiglu
 
 NAME = "cuda"
+# moe_forward routes for this backend with the one-launch Triton router, where Triton runs.
+FUSED_ROUTING = True
 FAST_BACKWARD = False
 
 
@@ -40,7 +52,30 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, hidden: int, ff
     return None
 
 
+def _sum_slots(rows: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """y[t] = the sum of rows[t*K + k] over k, dropped slots (never written) left out, in fp32."""
+    if triton_fused.unavailable_reason(rows.device, rows.dtype, 0, 0) is None:
+        return triton_fused._ops().combine(rows, routing)
+    num_tokens, top_k = routing.topk_ids.shape
+    view = rows.view(num_tokens, top_k, rows.shape[1])
+    if routing.has_empty_slots:
+        view = view.masked_fill(routing.dropped.unsqueeze(-1), 0)
+    return view.sum(1, dtype=torch.float32).to(rows.dtype)
+
+
+def _fused_forward(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    if x.data_ptr() % 16:  # the producer copies 16-byte pieces of x's rows
+        x = x.clone()
+    # validate=False: the offsets and indices stay on the device (a Routing is consistent by construction).
+    act = cuda.moe_up(x, w_gate_up, routing.offsets, routing.sorted_tokens, validate=False)
+    weights = routing.topk_weights.reshape(-1).to(torch.float32)
+    rows = cuda.moe_down(act, w_down, routing.offsets, routing.sorted_slots, weights, validate=False)
+    return _sum_slots(rows, routing)
+
+
 def _forward(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    if cuda.hopper_unavailable_reason(x.device) is None:
+        return _fused_forward(x, routing, w_gate_up, w_down)
     # Every slot's row, expert-sorted; dropped slots sit past offsets[E] and are neither computed
     # nor written by the kernel (validate=False: the offsets stay on the device).
     rows = x[routing.sorted_tokens]

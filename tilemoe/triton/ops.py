@@ -9,6 +9,7 @@ Four launches after routing, none waiting for the host:
 3. down-projection: A @ w_down[e]^T, each row scaled by its routing weight and written to its
    slot's row -> [T, K, H];
 4. combine: y = the sum over K (one pass, fp32 accumulation, deterministic; unkept slots skipped).
+   ``combine`` is also what backend "cuda" sums its Hopper down-projection's rows with.
 """
 
 from __future__ import annotations
@@ -171,13 +172,21 @@ def moe_experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_do
     weights = routing.topk_weights.reshape(-1).to(torch.float32)
     grouped_gemm(act, w_down, routing, schedule, down_cfg, n=hidden, scatter=routing.sorted_slots, scale=weights,
                  out=rows)
-    y = x.new_empty(num_tokens, hidden)
+    return combine(rows, routing), {"act": act, "pre": pre, "schedule": schedule, "configs": (up_cfg, down_cfg)}
+
+
+def combine(rows: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """y [T, H] = the sum of each token's K consecutive rows of ``rows`` [T*K, H] (slot order), in
+    fp32, leaving out dropped slots (their rows were never written): ``combine_kernel``."""
+    num_tokens, top_k = routing.topk_ids.shape
+    hidden = rows.shape[1]
+    y = rows.new_empty(num_tokens, hidden)
     block_h = min(1024, triton.next_power_of_2(hidden))
     combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
         rows, routing.topk_ids, y, hidden, TOP_K=top_k, BLOCK_H=block_h, HAS_EMPTY=routing.has_empty_slots,
         num_warps=4,
     )
-    return y, {"act": act, "pre": pre, "schedule": schedule, "configs": (up_cfg, down_cfg)}
+    return y
 
 
 def swiglu(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,231 @@
+"""tilemoe.cuda.moe_up / moe_down: the MoE layer's fused Hopper GEMMs (csrc/grouped_gemm_hopper.cu).
+
+Argument checks run anywhere (they come before any kernel). The kernels run with `pytest -m gpu` on
+a compute capability 9.0 GPU: every element against an fp32 reference, outputs poisoned with NaN
+first, ragged experts (empty, one row, one expert with everything, rows not a multiple of the
+128-row tile), I and K off the tile, and dropped rows that must stay unwritten.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tilemoe
+from moe_cases import forced_routing, make_weights
+from tilemoe import cuda as tcuda
+from tilemoe.routing import build_routing
+
+
+def make(counts: list[int], num_tokens: int, ffn: int, k: int, device: str = "cuda", seed: int = 0):
+    """x [T, K], w_gate_up [E, 2I, K], offsets, and a gather of random tokens (repeats allowed)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, k, generator=g).bfloat16().to(device)
+    w = (torch.randn(len(counts), 2 * ffn, k, generator=g) / k**0.5).bfloat16().to(device)
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    gather = torch.randint(0, num_tokens, (sum(counts),), generator=g).to(device)
+    return x, w, offsets, gather
+
+
+def up_reference(x, w, offsets, gather) -> torch.Tensor:
+    ends, ffn = offsets.tolist(), w.shape[1] // 2
+    out = torch.zeros(gather.shape[0], ffn, dtype=torch.float32, device=x.device)
+    for e in range(w.shape[0]):
+        h = x[gather[ends[e]:ends[e + 1]]].float() @ w[e].float().T
+        out[ends[e]:ends[e + 1]] = F.silu(h[:, :ffn]) * h[:, ffn:]
+    return out
+
+
+def down_reference(act, w, offsets, scatter, scale) -> torch.Tensor:
+    ends = offsets.tolist()
+    out = torch.full((scale.shape[0], w.shape[1]), float("nan"), dtype=torch.float32, device=act.device)
+    for e in range(w.shape[0]):
+        rows = slice(ends[e], ends[e + 1])
+        out[scatter[rows]] = scale[scatter[rows], None] * (act[rows].float() @ w[e].float().T)
+    return out
+
+
+def assert_every_element_close(c: torch.Tensor, ref: torch.Tensor) -> None:
+    """Each element within bf16 rounding of the fp32 result (plus a little for summation order)."""
+    assert not c.isnan().any(), f"{int(c.isnan().sum())} NaN outputs (rows not written?)"
+    scale = ref.abs().max().clamp_min(1e-6)
+    torch.testing.assert_close(c.float(), ref, rtol=8e-3, atol=2e-3 * float(scale))
+
+
+# %% Argument checks (any machine) --------------------------------------------------------------------
+
+def _up_args(**change):
+    x, w, offsets, gather = make([3, 0, 5], 6, 16, 24, device="cpu")
+    args = dict(x=x, w_gate_up=w, offsets=offsets, gather=gather)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change, exc, message",
+    [
+        (dict(x=torch.zeros(6, 24)), TypeError, "x: expected dtype torch.bfloat16, got torch.float32"),
+        (dict(gather=torch.zeros(8, dtype=torch.int32)), TypeError, "gather: expected dtype torch.int64, got torch.int32"),
+        (dict(offsets=torch.tensor([0, 3, 3, 8])), TypeError, "offsets: expected dtype torch.int32, got torch.int64"),
+        (dict(w_gate_up=torch.zeros(32, 24, dtype=torch.bfloat16)), ValueError,
+         "w_gate_up: expected a 3-D tensor, got shape [32, 24]"),
+        ({}, ValueError, "x: expected a CUDA tensor, got device cpu"),
+    ],
+    ids=["x-dtype", "gather-int32", "offsets-int64", "w-2d", "cpu"],
+)
+def test_up_argument_errors(change, exc, message):
+    with pytest.raises(exc, match="^" + message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        tcuda.moe_up(**_up_args(**change))
+
+
+def test_down_names_a_bad_scale_dtype():
+    act = torch.zeros(8, 16, dtype=torch.bfloat16)
+    w = torch.zeros(3, 24, 16, dtype=torch.bfloat16)
+    offsets = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"^scale: expected dtype torch.float32, got torch.bfloat16$"):
+        tcuda.moe_down(act, w, offsets, torch.arange(8), torch.ones(8, dtype=torch.bfloat16))
+
+
+# %% The kernels (a compute capability 9.0 GPU) -----------------------------------------------------
+
+GPU_MARKS = (pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+             pytest.mark.skipif(tcuda._C is None, reason="tilemoe._C is not built"))
+
+
+def on_hopper(test):
+    """Marked gpu; skipped with the reason where the Hopper kernels cannot run."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        if why := tcuda.hopper_unavailable_reason():
+            pytest.skip(f"the fused Hopper GEMMs: {why}")
+        return test(*args, **kwargs)
+
+    for mark in GPU_MARKS:
+        run = mark(run)
+    return run
+
+
+# name -> (rows per expert, tokens, I, K): empty experts, one row, one expert with everything, rows
+# not a multiple of the 128-row tile, I not a multiple of the 128-column tile, K not a multiple of 64.
+RAGGED = {
+    "tile-multiples": ([128, 256, 0, 128], 300, 256, 128),
+    "not-tile-multiples": ([129, 127, 1, 255, 0, 300, 64, 2], 500, 136, 200),
+    "one-expert-takes-all": ([0, 0, 517, 0], 517, 128, 64),
+    "single-row": ([0, 1], 1, 64, 64),
+    "narrow": ([5, 131, 9], 40, 8, 8),
+    "many-experts": ([3 * (e % 5) for e in range(256)], 200, 64, 96),
+}
+
+
+@on_hopper
+@pytest.mark.parametrize("case", list(RAGGED))
+def test_up_matches_fp32_on_every_element(case):
+    counts, num_tokens, ffn, k = RAGGED[case]
+    x, w, offsets, gather = make(counts, num_tokens, ffn, k, seed=len(case))
+    out = torch.full((gather.shape[0], ffn), float("nan"), dtype=torch.bfloat16, device="cuda")
+    act = tcuda.moe_up(x, w, offsets, gather, out=out)
+    assert act.data_ptr() == out.data_ptr()
+    assert_every_element_close(act, up_reference(x, w, offsets, gather))
+
+
+@on_hopper
+@pytest.mark.parametrize("case", list(RAGGED))
+def test_down_matches_fp32_on_every_element(case):
+    counts, _, hidden, ffn = RAGGED[case]  # the down-projection's N = H and K = I
+    g = torch.Generator().manual_seed(len(case))
+    rows = sum(counts)
+    act = torch.randn(rows, ffn, generator=g).bfloat16().cuda()
+    w = (torch.randn(len(counts), hidden, ffn, generator=g) / ffn**0.5).bfloat16().cuda()
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    scatter = torch.randperm(rows, generator=g).cuda()
+    scale = torch.rand(rows, generator=g).cuda()
+    out = torch.full((rows, hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
+    tcuda.moe_down(act, w, offsets, scatter, scale, out=out)
+    assert_every_element_close(out, down_reference(act, w, offsets, scatter, scale))
+
+
+@on_hopper
+def test_rows_past_the_last_offset_are_neither_read_nor_written():
+    """Dropped slots sit past offsets[E]: act's rows there and the output rows of their slots stay
+    NaN, and a gather entry there may point anywhere (it is never read)."""
+    x, w, offsets, gather = make([10, 0, 20], 40, 64, 64)
+    short = offsets.clone()
+    short[-1] = 25
+    gather[25:] = 10**6  # out of range: reading it would fault (or fail the reference)
+    act = torch.full((30, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    tcuda.moe_up(x, w, short, gather, out=act, validate=False)
+    assert act[25:].isnan().all()
+    assert_every_element_close(act[:25], up_reference(x, w, short, gather[:25]))
+    w_down = (torch.randn(3, 48, 64, device="cuda") / 8).bfloat16()
+    scatter = torch.randperm(30, device="cuda")
+    scale = torch.rand(30, device="cuda")
+    out = torch.full((30, 48), float("nan"), dtype=torch.bfloat16, device="cuda")
+    tcuda.moe_down(act, w_down, short, scatter, scale, out=out, validate=False)
+    dropped = scatter[25:]
+    assert out[dropped].isnan().all()
+    kept = scatter[:25]
+    ref = down_reference(act[:25], w_down, short, scatter[:25], scale)
+    assert_every_element_close(out[kept], ref[kept])
+
+
+@on_hopper
+def test_validation_names_out_of_range_indices():
+    x, w, offsets, gather = make([3, 4], 8, 64, 64)
+    gather[5] = 8
+    with pytest.raises(ValueError, match=r"^gather: expected entries in \[0, 8\) for the rows offsets cover, got 8$"):
+        tcuda.moe_up(x, w, offsets, gather)
+
+
+@on_hopper
+def test_no_host_sync_and_a_cuda_graph_replays_it():
+    x, w, offsets, gather = make([40, 0, 300, 7], 100, 128, 64)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        act = tcuda.moe_up(x, w, offsets, gather, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out = torch.empty_like(act)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tcuda.moe_up(x, w, offsets, gather, out=out, validate=False)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, act)
+
+
+@on_hopper
+@pytest.mark.parametrize("preset", ["olmoe-1b-7b", "qwen3-30b-a3b"])
+def test_backend_cuda_runs_the_fused_kernels_at_a_real_shape(preset, monkeypatch):
+    """moe_forward(backend="cuda") at a model's sizes (1000 tokens: not a multiple of the tile),
+    through the fused kernels (the unfused pipeline is made to fail), against reference_moe."""
+    cfg = tilemoe.get_preset(preset)
+    w = cfg.init_weights(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1000, cfg.hidden, device="cuda").bfloat16()
+    routing = tilemoe.route(tilemoe.router_logits(x, w["router_weight"]), cfg.top_k, **cfg.router_options())
+    monkeypatch.setattr(tcuda, "grouped_gemm", None)  # the unfused pipeline would call it
+    y = tilemoe.moe_forward(x, **w, top_k=cfg.top_k, routing=routing, backend="cuda")
+    ref = tilemoe.reference_moe(x.float(), **{k: v.float() for k, v in w.items()}, top_k=cfg.top_k, routing=routing)
+    assert tilemoe.rel_error(y, ref) <= tilemoe.TOLERANCE[torch.bfloat16]
+
+
+@on_hopper
+def test_backend_cuda_leaves_out_capacity_drops():
+    """Slots over capacity are never computed or summed (their rows stay unwritten)."""
+    w = make_weights(128, 64, 4, dtype=torch.bfloat16, device="cuda", seed=3)
+    x = torch.randn(50, 128, device="cuda").bfloat16()
+    ids = torch.zeros(50, 2, dtype=torch.int64)
+    ids[:, 1] = torch.arange(50) % 3 + 1
+    full = forced_routing(ids.cuda(), 4, seed=1)
+    kept_ids = full.topk_ids.clone()
+    kept_ids[30:, 0] = -1  # expert 0 keeps its first 30 tokens
+    routing = build_routing(kept_ids.long(), full.topk_weights.masked_fill(kept_ids < 0, 0), full.topk_weights, 4)
+    assert routing.has_empty_slots
+    y = tilemoe.moe_forward(x, **w, top_k=2, backend="cuda", routing=routing)
+    ref = tilemoe.reference_moe(x.double(), **{k: v.double() for k, v in w.items()}, top_k=2, routing=routing)
+    assert tilemoe.rel_error(y, ref) <= tilemoe.TOLERANCE[torch.bfloat16]
