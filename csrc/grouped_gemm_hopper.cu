@@ -180,17 +180,22 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
     if (warpgroup == 0) {  // the producer
       setmaxnreg_dec<40>();
       if constexpr (kGather) {
-        // Every thread copies its row of each A tile (8 pieces of 16 bytes per k-step) into the
-        // 128-byte swizzled layout wgmma reads. cp.async writes through the generic proxy and
-        // wgmma reads through the async proxy, so a stage is announced only once its copies are
-        // complete and fenced: kGatherLag k-steps later, keeping that many in flight per thread.
+        // The warpgroup copies each A tile with cp.async in 16-byte pieces: thread t takes piece
+        // t % 8 of rows t / 8, t / 8 + 16, ..., so each warp instruction reads four whole
+        // 128-byte rows, and writes them in the 128-byte swizzled layout wgmma reads. cp.async
+        // writes through the generic proxy and wgmma reads through the async proxy, so a stage is
+        // announced only once its copies are complete and fenced: kGatherLag k-steps later.
+        constexpr int kRowsPerThread = kBM / 16;
+        const int piece = wg_thread % 8, first_row = wg_thread / 8;
         Ring fill, ready;
         int in_flight = 0;
         for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
           const Tile t = locate<kBM, kOutBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
-          // Rows past the expert's end repeat its last row: in bounds, and never stored.
-          const int64_t row = min(t.row_start + wg_thread, t.row_end - 1);
-          const __nv_bfloat16* src = fused.x + static_cast<int64_t>(fused.gather[row]) * k;
+          int32_t token[kRowsPerThread];  // rows past the expert's end repeat its last row: never stored
+#pragma unroll
+          for (int i = 0; i < kRowsPerThread; ++i) {
+            token[i] = static_cast<int32_t>(fused.gather[min(t.row_start + first_row + 16 * i, t.row_end - 1)]);
+          }
           for (int step = 0; step < k_steps; ++step) {
             mbarrier_wait(&s.empty[fill.stage], fill.phase ^ 1);
             if (wg_thread == 0) {
@@ -201,11 +206,13 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
                           t.expert);
             }
             const __nv_bfloat16* a_stage = s.a + fill.stage * kBM * kBK;
+            const int col = step * kBK + piece * 8;  // K is a multiple of 8: a piece is all in or all out
+            const bool in_k = col < k;
 #pragma unroll
-            for (int piece = 0; piece < kBK / 8; ++piece) {
-              const int col = step * kBK + piece * 8;  // K is a multiple of 8: a piece is all in or all out
-              sm80::cp_async_16(shared_address(a_stage + swizzled<kBK>(wg_thread, piece * 8)), src + min(col, k - 8),
-                                col < k);
+            for (int i = 0; i < kRowsPerThread; ++i) {
+              const int r = first_row + 16 * i;
+              sm80::cp_async_16(shared_address(a_stage + swizzled<kBK>(r, piece * 8)),
+                                fused.x + static_cast<int64_t>(token[i]) * k + (in_k ? col : 0), in_k);
             }
             sm80::cp_async_commit();
             fill.advance();

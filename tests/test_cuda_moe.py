@@ -224,7 +224,8 @@ def test_backend_cuda_leaves_out_capacity_drops():
     full = forced_routing(ids.cuda(), 4, seed=1)
     kept_ids = full.topk_ids.clone()
     kept_ids[30:, 0] = -1  # expert 0 keeps its first 30 tokens
-    routing = build_routing(kept_ids.long(), full.topk_weights.masked_fill(kept_ids < 0, 0), full.topk_weights, 4)
+    routing = build_routing(kept_ids.long(), full.topk_weights.masked_fill(kept_ids < 0, 0), full.topk_weights, 4,
+                            has_empty_slots=True)
     assert routing.has_empty_slots
     y = tilemoe.moe_forward(x, **w, top_k=2, backend="cuda", routing=routing)
     ref = tilemoe.reference_moe(x.double(), **{k: v.double() for k, v in w.items()}, top_k=2, routing=routing)
