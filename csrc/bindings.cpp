@@ -138,24 +138,6 @@ PYBIND11_MODULE(_C, m) {
       "expert segment (w [E, 2I, K]: gate rows, then up rows).");
 
   m.def(
-      "moe_down_hopper",
-      [](std::uintptr_t act_ptr, std::uintptr_t w_ptr, std::uintptr_t offsets_ptr, std::uintptr_t scatter_ptr,
-         std::uintptr_t scale_ptr, std::uintptr_t out_ptr, int64_t m_total, int32_t num_experts, int32_t n,
-         int32_t k, std::uintptr_t stream, int device) {
-        check(cudaSetDevice(device), "moe_down_hopper: cudaSetDevice");
-        check(tilemoe::launch_moe_down_hopper(as_ptr<const __nv_bfloat16>(act_ptr), as_ptr<const __nv_bfloat16>(w_ptr),
-                                              as_ptr<const int32_t>(offsets_ptr), as_ptr<const int64_t>(scatter_ptr),
-                                              as_ptr<const float>(scale_ptr), as_ptr<__nv_bfloat16>(out_ptr), m_total,
-                                              num_experts, n, k, reinterpret_cast<cudaStream_t>(stream)),
-              "moe_down_hopper");
-      },
-      py::arg("act_ptr"), py::arg("w_ptr"), py::arg("offsets_ptr"), py::arg("scatter_ptr"), py::arg("scale_ptr"),
-      py::arg("out_ptr"), py::arg("m_total"), py::arg("num_experts"), py::arg("n"), py::arg("k"),
-      py::arg("stream"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
-      "Enqueue the sm_90a down-projection: out[scatter[r]] = scale[scatter[r]] * (act[r] @ W^T) per expert "
-      "segment.");
-
-  m.def(
       "grouped_gemm_hopper_supported",
       [](int device) {
         check(cudaSetDevice(device), "grouped_gemm_hopper_supported: cudaSetDevice");

@@ -20,6 +20,13 @@
 //                     store), then they go straight on to the next tile's wgmmas. The 64 KB of
 //                     staging cost a stage: 3 stages.
 //
+// The MoE layer's up-projection (launch_moe_up_hopper) is kAsyncStore with two changes (Fusion):
+// A's rows are tokens of x read through the routing's permutation, which TMA cannot gather on
+// Hopper, so the whole producer warpgroup copies them with cp.async; and the 256 rows of W in a
+// stage are 128 gate rows and their 128 up rows, so each thread's accumulators hold gate and up
+// of the same outputs and the epilogue writes silu(gate) * up. No permuted copy of x, and the
+// [M, 2I] pre-activation never reaches memory.
+//
 // Ragged rows. A's tensor map covers all M rows, so the last row tile of an expert also loads
 // the first rows of the next expert (or zeros past M). Row i of C depends only on row i of A,
 // so those rows produce outputs of their own that the epilogue discards: a tile never writes
@@ -58,20 +65,15 @@ constexpr int kStoreBox = 64;                           // TMA store boxes of 64
 // What the kernel does around the GEMM (the MoE layer's fusions; kAsyncStore kernels only):
 //   kNone:          C = A @ W^T, A's rows contiguous (the lesson's grouped GEMM).
 //   kGatherSwiglu:  the up-projection. Row r of A is x[gather[r]]: the whole producer warpgroup
-//                   copies those rows with cp.async (TMA cannot gather rows on Hopper), one row
-//                   per thread. W's 256 rows of a stage are 128 gate rows and the 128 matching up
-//                   rows, so the epilogue holds gate and up of the same column in one thread and
-//                   writes silu(gate) * up: a tile has 128 output columns.
-//   kScatterScale:  the down-projection. The epilogue multiplies row r by scale[scatter[r]] and
-//                   writes it to output row scatter[r] (its token-slot), so that combining a
-//                   token's K expert outputs is a sum of K consecutive rows.
-enum class Fusion { kNone, kGatherSwiglu, kScatterScale };
+//                   copies those rows with cp.async (TMA cannot gather rows on Hopper). W's 256
+//                   rows of a stage are 128 gate rows and the 128 matching up rows, so the
+//                   epilogue holds gate and up of the same column in one thread and writes
+//                   silu(gate) * up: a tile has 128 output columns.
+enum class Fusion { kNone, kGatherSwiglu };
 
 struct FusionOperands {
   const __nv_bfloat16* x = nullptr;  // kGatherSwiglu: [T, K] tokens
   const int64_t* gather = nullptr;   // kGatherSwiglu: [M] grouped row -> token
-  const int64_t* scatter = nullptr;  // kScatterScale: [M] grouped row -> output row
-  const float* scale = nullptr;      // kScatterScale: [output rows] each output row's factor
   int32_t up_row = 0;                // kGatherSwiglu: w's first up row (I)
 };
 
@@ -138,7 +140,7 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
 #ifdef TILEMOE_SM90A
   constexpr int kStages = stages(kKernel);
   constexpr bool kWarpSpecialized = warp_specialized(kKernel), kAsyncStore = async_store(kKernel);
-  constexpr bool kGather = kFusion == Fusion::kGatherSwiglu, kScatter = kFusion == Fusion::kScatterScale;
+  constexpr bool kGather = kFusion == Fusion::kGatherSwiglu;
   constexpr int kOutBN = out_columns(kFusion);
   // kGather: a producer thread signals a stage's A row once the next k-step's copies are issued.
   // No more lag than one: a consumer frees a stage only after the next one is full (it keeps the
@@ -294,11 +296,6 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
       __nv_bfloat16* staging = s.staging + consumer * 64 * kOutBN;
       if (wg_thread == 0) bulk_wait_read<0>();  // the previous tile's stores have read the buffer
       named_barrier_sync(1 + consumer, 128);
-      float scale0 = 1.0f, scale1 = 1.0f;
-      if constexpr (kScatter) {  // each row's routing weight; rows past the expert's end are not stored
-        if (block_row + row < t.row_end) scale0 = fused.scale[fused.scatter[block_row + row]];
-        if (block_row + row + 8 < t.row_end) scale1 = fused.scale[fused.scatter[block_row + row + 8]];
-      }
 #pragma unroll
       for (int j = 0; j < kOutBN / 8; ++j) {
         __nv_bfloat16* box = staging + (j / 8) * 64 * kStoreBox;
@@ -312,13 +309,13 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
           v3 = silu(v3) * acc[kUp + 4 * j + 3];
         }
         *reinterpret_cast<__nv_bfloat162*>(box + swizzled<kStoreBox>(row, box_col)) =
-            __floats2bfloat162_rn(v0 * scale0, v1 * scale0);
+            __floats2bfloat162_rn(v0, v1);
         *reinterpret_cast<__nv_bfloat162*>(box + swizzled<kStoreBox>(row + 8, box_col)) =
-            __floats2bfloat162_rn(v2 * scale1, v3 * scale1);
+            __floats2bfloat162_rn(v2, v3);
       }
       fence_proxy_async_shared();             // the writes above, visible to the copy engine ...
       named_barrier_sync(1 + consumer, 128);  // ... from every thread of this warpgroup
-      if (!kScatter && block_row + 64 <= t.row_end) {
+      if (block_row + 64 <= t.row_end) {
         // All 64 rows are the expert's: one thread issues the stores (columns past N are clipped).
         if (wg_thread == 0) {
           for (int b = 0; b < kOutBN / kStoreBox && t.col_start + b * kStoreBox < n; ++b) {
@@ -327,13 +324,11 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
           bulk_commit();
         }
       } else {
-        // 16-byte pieces, masked by row (and by N: a multiple of 8): an expert's last rows, and
-        // every row of kScatter, whose rows go to their slots.
+        // The expert's last rows: 16-byte pieces, masked by row (and by N: a multiple of 8).
         for (int piece = wg_thread; piece < 64 * kOutBN / 8; piece += 128) {
           const int r = piece / (kOutBN / 8), cc = piece % (kOutBN / 8) * 8;
           if (block_row + r < t.row_end && t.col_start + cc < n) {
-            const int64_t out_row = kScatter ? fused.scatter[block_row + r] : block_row + r;
-            *reinterpret_cast<uint4*>(c + out_row * n + t.col_start + cc) = *reinterpret_cast<const uint4*>(
+            *reinterpret_cast<uint4*>(c + (block_row + r) * n + t.col_start + cc) = *reinterpret_cast<const uint4*>(
                 staging + (cc / kStoreBox) * 64 * kStoreBox + swizzled<kStoreBox>(r, cc % kStoreBox));
           }
         }
@@ -505,27 +500,10 @@ cudaError_t launch_moe_up_hopper(const __nv_bfloat16* x, int64_t num_tokens, con
                                                                    num_experts, ffn, k, fused, stream);
 }
 
-cudaError_t launch_moe_down_hopper(const __nv_bfloat16* act, const __nv_bfloat16* w_down, const int32_t* offsets,
-                                   const int64_t* scatter, const float* scale, __nv_bfloat16* out, int64_t m_total,
-                                   int32_t num_experts, int32_t n, int32_t k, cudaStream_t stream) {
-  if (bad_sizes(m_total, num_experts, n, k)) return cudaErrorInvalidValue;
-  if (m_total == 0) return cudaSuccess;
-  CUtensorMap a_map, w_map, c_map{};  // rows go to their slots by 16-byte stores: no store map
-  cudaError_t err = encode_2d(&a_map, act, m_total, k, kBM);
-  if (err == cudaSuccess) err = encode_weights(&w_map, w_down, num_experts, n, k, kBN);
-  if (err != cudaSuccess) return err;
-  FusionOperands fused;
-  fused.scatter = scatter;
-  fused.scale = scale;
-  return launch<HopperKernel::kAsyncStore, Fusion::kScatterScale>(a_map, w_map, c_map, offsets, out, m_total,
-                                                                   num_experts, n, k, fused, stream);
-}
-
 cudaError_t grouped_gemm_hopper_supported() {
   int ctas = 0;
   cudaError_t err = persistent_ctas<HopperKernel::kAsyncStore, Fusion::kNone>(&ctas);
   if (err == cudaSuccess) err = persistent_ctas<HopperKernel::kAsyncStore, Fusion::kGatherSwiglu>(&ctas);
-  if (err == cudaSuccess) err = persistent_ctas<HopperKernel::kAsyncStore, Fusion::kScatterScale>(&ctas);
   return err;
 }
 

@@ -364,6 +364,26 @@ def test_swiglu_kernel_is_silu_gate_times_up(rows, ffn):
     assert ops_mod.swiglu(h, out=buffer) is buffer and torch.equal(buffer, out)
 
 
+@needs_triton
+@pytest.mark.parametrize("case", [*RAGGED, "dropped-slots"])
+def test_grouped_combine_weights_each_slot_read_through_the_permutation(case):
+    """combine(grouped=True) on a plain grouped GEMM's output (expert order, unweighted) is the
+    PyTorch combine; rows of dropped slots hold NaN and must not reach y."""
+    ops_mod, _ = ops()
+    if case == "dropped-slots":
+        logits = torch.randn(40, 8, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+        routing = tilemoe.route(logits, 2, capacity_factor=0.5)
+        assert bool(routing.dropped.any())
+    else:
+        num_tokens, _, num_experts, ids = RAGGED[case]
+        routing = forced_routing(ids().to(DEVICE), num_experts, seed=6)
+    rows = torch.randn(routing.sorted_slots.numel(), 24, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    rows[int(routing.offsets[-1]):] = float("nan")  # the rows a grouped GEMM leaves unwritten
+    y = ops_mod.combine(rows, routing, grouped=True)
+    want = backends.common.combine(rows.double(), routing)
+    assert not y.isnan().any() and tilemoe.rel_error(y, want) <= 1e-6
+
+
 METADATA_FIELDS = ("counts", "offsets", "sorted_slots", "sorted_tokens", "slot_position", "topk_ids")
 
 

@@ -28,7 +28,7 @@ except ImportError:  # built without nvcc: the pure-Python install
 
 __all__ = [
     "available", "unavailable_reason", "expert_counts", "grouped_gemm", "GROUPED_GEMM_VARIANTS",
-    "hopper_unavailable_reason", "moe_up", "moe_down", "mma_peak_probe",
+    "hopper_unavailable_reason", "moe_up", "mma_peak_probe",
 ]
 
 _INT32_MAX = 2**31 - 1
@@ -261,7 +261,7 @@ def hopper_unavailable_reason(device: torch.device | str | None = None) -> str |
     return _hopper_reasons[index]
 
 
-# %% The MoE layer's fused Hopper GEMMs ------------------------------------------------------------
+# %% The MoE layer's fused Hopper up-projection ------------------------------------------------
 
 def _check_operands(function: str, operands: dict, device_of: torch.Tensor) -> None:
     """Every operand: a contiguous CUDA tensor of its dtype and dimensions on device_of's device,
@@ -368,40 +368,6 @@ def moe_up(x: torch.Tensor, w_gate_up: torch.Tensor, offsets: torch.Tensor, gath
                          act.data_ptr(), rows, num_experts, ffn, k, torch.cuda.current_stream(x.device).cuda_stream,
                          x.device.index)
     return act
-
-
-def moe_down(act: torch.Tensor, w_down: torch.Tensor, offsets: torch.Tensor, scatter: torch.Tensor,
-             scale: torch.Tensor, *, out: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
-    """The down-projection with the routing weights and the un-permute fused:
-    ``out[scatter[r]] = scale[scatter[r]] * (act[r] @ w_down[e]^T)`` for every grouped row r of expert e.
-
-    Args:
-        act: [M, I] bfloat16 CUDA tensor, contiguous: the activations in grouped (expert) order.
-        w_down: [E, H, I] bfloat16, contiguous; H and I multiples of 8.
-        offsets: [E + 1] int32: a Routing's offsets; offsets[E] <= M.
-        scatter: [M] int64: the output row (token-slot) of each grouped row (``sorted_slots``).
-        scale: [S] float32: each output row's factor (``topk_weights.reshape(-1)``); S output rows.
-        out: [S, H] bfloat16 to write into, or None for a new tensor (``torch.empty``).
-        validate: check the offsets and the slot indices first (one host sync).
-
-    Returns:
-        out [S, H]: row s holds slot s's weighted expert output; rows no grouped row maps to
-        (dropped slots) are not written. A token's K slots are K consecutive rows, so combining
-        is a sum of rows. Compute capability 9.0 only, as ``moe_up``.
-    """
-    _check_operands("moe_down", {"act": (act, 2, torch.bfloat16), "w_down": (w_down, 3, torch.bfloat16),
-                                 "offsets": (offsets, 1, torch.int32), "scatter": (scatter, 1, torch.int64),
-                                 "scale": (scale, 1, torch.float32)}, act)
-    rows, k = act.shape
-    num_experts, hidden = _check_weight("w_down", w_down, k, f"[E, H, I] with I = {k} (act's columns)")
-    slots = scale.shape[0]
-    _check_grouping(offsets, num_experts, rows, scatter, "scatter", slots, validate)
-    result = _out(out, (slots, hidden), act)
-    if rows and slots:
-        _C.moe_down_hopper(act.data_ptr(), w_down.data_ptr(), offsets.data_ptr(), scatter.data_ptr(),
-                           scale.data_ptr(), result.data_ptr(), rows, num_experts, hidden, k,
-                           torch.cuda.current_stream(act.device).cuda_stream, act.device.index)
-    return result
 
 
 def _check_offsets(values: list[int], rows: int, *, exact: bool = True) -> None:

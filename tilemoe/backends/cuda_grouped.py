@@ -52,25 +52,15 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, hidden: int, ff
     return None
 
 
-def _sum_slots(rows: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """y[t] = the sum of rows[t*K + k] over k, dropped slots (never written) left out, in fp32."""
-    if triton_fused.unavailable_reason(rows.device, rows.dtype, 0, 0) is None:
-        return triton_fused._ops().combine(rows, routing)
-    num_tokens, top_k = routing.topk_ids.shape
-    view = rows.view(num_tokens, top_k, rows.shape[1])
-    if routing.has_empty_slots:
-        view = view.masked_fill(routing.dropped.unsqueeze(-1), 0)
-    return view.sum(1, dtype=torch.float32).to(rows.dtype)
-
-
 def _fused_forward(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     if x.data_ptr() % 16:  # the producer copies 16-byte pieces of x's rows
         x = x.clone()
     # validate=False: the offsets and indices stay on the device (a Routing is consistent by construction).
     act = cuda.moe_up(x, w_gate_up, routing.offsets, routing.sorted_tokens, validate=False)
-    weights = routing.topk_weights.reshape(-1).to(torch.float32)
-    rows = cuda.moe_down(act, w_down, routing.offsets, routing.sorted_slots, weights, validate=False)
-    return _sum_slots(rows, routing)
+    out = cuda.grouped_gemm(act, w_down, routing.offsets, variant="hopper", validate=False)
+    if triton_fused.unavailable_reason(out.device, out.dtype, 0, 0) is None:
+        return triton_fused.ops().combine(out, routing, grouped=True)
+    return combine(out, routing)
 
 
 def _forward(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

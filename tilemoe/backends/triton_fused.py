@@ -29,7 +29,7 @@ FUSED_ROUTING = True
 FAST_BACKWARD = False
 
 
-def _ops():
+def ops():
     from ..triton import ops
 
     return ops
@@ -37,7 +37,7 @@ def _ops():
 
 def _import_reason() -> str | None:
     try:
-        _ops()
+        ops()
     except ImportError as exc:
         return f"triton is not importable ({exc}); install it with: pip install triton"
     return None
@@ -46,7 +46,7 @@ def _import_reason() -> str | None:
 def unavailable_reason(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int) -> str | None:
     if why := _import_reason():
         return why
-    return _ops().unavailable_reason(device, dtype)
+    return ops().unavailable_reason(device, dtype)
 
 
 def check_inputs(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> None:
@@ -64,7 +64,7 @@ def check_inputs(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_d
 
 
 def _forward(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    return _ops().moe_experts(x, routing, w_gate_up, w_down)[0]
+    return ops().moe_experts(x, routing, w_gate_up, w_down)[0]
 
 
 def experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ nn.Linear [E, N, K] layout, with three optional fusions chosen by constexpr flag
 
 ``combine_kernel`` is that sum. Slots that no expert kept (capacity drops, the -1 padding of token
 rounding) were never written: it skips them by their id instead of reading zeros someone wrote.
+It also takes rows in expert order, unweighted (backend "cuda"'s plain down-projection): it then
+reads each slot's row through the inverse permutation and weights it.
 """
 
 from __future__ import annotations
@@ -191,18 +193,28 @@ def grouped_gemm_kernel(
 
 
 @triton.jit
-def combine_kernel(rows_ptr, ids_ptr, y_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                   HAS_EMPTY: tl.constexpr):
-    """y[t] = sum over k of rows[t*K + k] in fp32, leaving out slots whose id is -1 (HAS_EMPTY)."""
+def combine_kernel(rows_ptr, ids_ptr, position_ptr, weight_ptr, y_ptr, hidden, TOP_K: tl.constexpr,
+                   BLOCK_H: tl.constexpr, HAS_EMPTY: tl.constexpr, GROUPED: tl.constexpr):
+    """y[t] = sum over k of rows[t*K + k] in fp32, leaving out slots whose id is -1 (HAS_EMPTY).
+
+    GROUPED: rows are in expert order and unweighted (a plain grouped GEMM's output): slot s's row
+    is rows[position[s]], multiplied by weight[s] in fp32.
+    """
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < hidden
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
+        slot = t * TOP_K + k
         ok = col_ok
         if HAS_EMPTY:  # the slot's id, loaded once per lane (one cached address) to mask the row
-            ok = ok & (tl.load(ids_ptr + t * TOP_K + k + tl.zeros_like(cols)) >= 0)
-        acc += tl.load(rows_ptr + (t * TOP_K + k) * hidden + cols, mask=ok, other=0.0).to(tl.float32)
+            ok = ok & (tl.load(ids_ptr + slot + tl.zeros_like(cols)) >= 0)
+        if GROUPED:
+            row = tl.load(position_ptr + slot).to(tl.int64)
+            part = tl.load(rows_ptr + row * hidden + cols, mask=ok, other=0.0).to(tl.float32)
+            acc += part * tl.load(weight_ptr + slot).to(tl.float32)
+        else:
+            acc += tl.load(rows_ptr + slot * hidden + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + t * hidden + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
 
 

@@ -9,7 +9,7 @@ Four launches after routing, none waiting for the host:
 3. down-projection: A @ w_down[e]^T, each row scaled by its routing weight and written to its
    slot's row -> [T, K, H];
 4. combine: y = the sum over K (one pass, fp32 accumulation, deterministic; unkept slots skipped).
-   ``combine`` is also what backend "cuda" sums its Hopper down-projection's rows with.
+   ``combine(grouped=True)`` is how backend "cuda" combines its plain Hopper down-projection.
 """
 
 from __future__ import annotations
@@ -175,16 +175,21 @@ def moe_experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_do
     return combine(rows, routing), {"act": act, "pre": pre, "schedule": schedule, "configs": (up_cfg, down_cfg)}
 
 
-def combine(rows: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """y [T, H] = the sum of each token's K consecutive rows of ``rows`` [T*K, H] (slot order), in
-    fp32, leaving out dropped slots (their rows were never written): ``combine_kernel``."""
+def combine(rows: torch.Tensor, routing: Routing, *, grouped: bool = False) -> torch.Tensor:
+    """y [T, H] = the sum of each token's K expert outputs, in fp32, leaving out dropped slots
+    (their rows were never written): ``combine_kernel``.
+
+    rows [T*K, H]: each slot's weighted output in slot order (the fused down-projection), so a
+    token's K rows are consecutive; or, grouped, the unweighted outputs in expert order (a plain
+    grouped GEMM's), read through ``routing.slot_position`` and weighted by ``topk_weights``.
+    """
     num_tokens, top_k = routing.topk_ids.shape
     hidden = rows.shape[1]
     y = rows.new_empty(num_tokens, hidden)
     block_h = min(1024, triton.next_power_of_2(hidden))
     combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
-        rows, routing.topk_ids, y, hidden, TOP_K=top_k, BLOCK_H=block_h, HAS_EMPTY=routing.has_empty_slots,
-        num_warps=4,
+        rows, routing.topk_ids, routing.slot_position, routing.topk_weights, y, hidden,
+        TOP_K=top_k, BLOCK_H=block_h, HAS_EMPTY=routing.has_empty_slots, GROUPED=grouped, num_warps=4,
     )
     return y
 

@@ -60,22 +60,16 @@ cudaError_t launch_grouped_gemm_hopper(const __nv_bfloat16* a, const __nv_bfloat
                                        __nv_bfloat16* c, int64_t m_total, int32_t num_experts, int32_t n,
                                        int32_t k, HopperKernel kernel, cudaStream_t stream);
 
-// The MoE layer's two expert GEMMs with their memory traffic fused (sm_90a, the kAsyncStore kernel
-// with another producer or epilogue; same scheduler, offsets and limits as above).
-//
-// Up-projection: act[r] = silu(x[gather[r]] @ Wg_e^T) * (x[gather[r]] @ Wu_e^T) for every grouped
-// row r of expert e, where Wg_e / Wu_e are rows 0..I-1 / I..2I-1 of w_gate_up[e] [2I, K]. The rows
-// of x are read through gather ([m_total] int64 token indices, each in [0, num_tokens)): no permuted copy.
-// act is [m_total, I], written for rows offsets[0] .. offsets[E] - 1.
+// The MoE layer's up-projection with its memory traffic fused (sm_90a: the kAsyncStore kernel
+// with a gathering producer and a SwiGLU epilogue; same scheduler, offsets and limits as above):
+//   act[r] = silu(x[gather[r]] @ Wg_e^T) * (x[gather[r]] @ Wu_e^T)
+// for every grouped row r of expert e, where Wg_e / Wu_e are rows 0..I-1 / I..2I-1 of
+// w_gate_up[e] [2I, K]. x's rows are read through gather ([m_total] int64 token indices in
+// [0, num_tokens)): no permuted copy of x. act is [m_total, I], written for rows offsets[0] ..
+// offsets[E] - 1.
 cudaError_t launch_moe_up_hopper(const __nv_bfloat16* x, int64_t num_tokens, const int64_t* gather,
                                  const __nv_bfloat16* w_gate_up, const int32_t* offsets, __nv_bfloat16* act,
                                  int64_t m_total, int32_t num_experts, int32_t ffn, int32_t k, cudaStream_t stream);
-// Down-projection: out[scatter[r]] = scale[scatter[r]] * (act[r] @ W_e^T) for every grouped row r of
-// expert e (w_down [E, N, K]); scatter maps a row to its output row (its token-slot t * top_k + k),
-// so each token's K results are K consecutive rows of out. Rows no r maps to are not written.
-cudaError_t launch_moe_down_hopper(const __nv_bfloat16* act, const __nv_bfloat16* w_down, const int32_t* offsets,
-                                   const int64_t* scatter, const float* scale, __nv_bfloat16* out, int64_t m_total,
-                                   int32_t num_experts, int32_t n, int32_t k, cudaStream_t stream);
 
 // cudaSuccess when the current device can run the Hopper kernels above, else the reason.
 cudaError_t grouped_gemm_hopper_supported();
