@@ -142,10 +142,6 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
   constexpr bool kWarpSpecialized = warp_specialized(kKernel), kAsyncStore = async_store(kKernel);
   constexpr bool kGather = kFusion == Fusion::kGatherSwiglu;
   constexpr int kOutBN = out_columns(kFusion);
-  // kGather: a producer thread signals a stage's A row once the next k-step's copies are issued.
-  // No more lag than one: a consumer frees a stage only after the next one is full (it keeps the
-  // previous k-step's wgmmas running), so with 3 stages a longer lag would wait on itself.
-  constexpr int kGatherLag = 1;
   using Ring = RingPosition<kStages>;
   extern __shared__ unsigned char raw[];
   const Shared<kKernel, kFusion> s(raw);
@@ -184,13 +180,12 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
       if constexpr (kGather) {
         // The warpgroup copies each A tile with cp.async in 16-byte pieces: thread t takes piece
         // t % 8 of rows t / 8, t / 8 + 16, ..., so each warp instruction reads four whole
-        // 128-byte rows, and writes them in the 128-byte swizzled layout wgmma reads. cp.async
-        // writes through the generic proxy and wgmma reads through the async proxy, so a stage is
-        // announced only once its copies are complete and fenced: kGatherLag k-steps later.
+        // 128-byte rows, and writes them in the 128-byte swizzled layout wgmma reads. Each thread
+        // then has the barrier count its arrival when its copies land (no waiting here); the
+        // consumers fence before their wgmmas read what the generic proxy wrote.
         constexpr int kRowsPerThread = kBM / 16;
         const int piece = wg_thread % 8, first_row = wg_thread / 8;
-        Ring fill, ready;
-        int in_flight = 0;
+        Ring fill;
         for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
           const Tile t = locate<kBM, kOutBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
           int32_t token[kRowsPerThread];  // rows past the expert's end repeat its last row: never stored
@@ -216,23 +211,11 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
               sm80::cp_async_16(shared_address(a_stage + swizzled<kBK>(r, piece * 8)),
                                 fused.x + static_cast<int64_t>(token[i]) * k + (in_k ? col : 0), in_k);
             }
-            sm80::cp_async_commit();
+            cp_async_mbarrier_arrive_noinc(&s.full[fill.stage]);
             fill.advance();
-            if (++in_flight > kGatherLag) {
-              sm80::cp_async_wait<kGatherLag>();
-              fence_proxy_async_shared();
-              mbarrier_arrive(&s.full[ready.stage]);
-              ready.advance();
-              --in_flight;
-            }
           }
         }
-        sm80::cp_async_wait<0>();
-        fence_proxy_async_shared();
-        for (; in_flight > 0; --in_flight) {
-          mbarrier_arrive(&s.full[ready.stage]);
-          ready.advance();
-        }
+        sm80::cp_async_wait<0>();  // leave no copy in flight behind an exited thread
       } else if (threadIdx.x == 0) {
         Ring fill;
         for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
@@ -259,6 +242,7 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
     int previous = 0;  // the stage of the k-step before this one
     for (int step = 0; step < k_steps; ++step) {
       mbarrier_wait(&s.full[read.stage], read.phase);
+      if constexpr (kGather) fence_proxy_async_shared();  // cp.async's writes, visible to wgmma
       const uint64_t a_desc = tile_descriptor(s.a + read.stage * kBM * kBK + consumer * 64 * kBK);
       const uint64_t w_desc = tile_descriptor(s.w + read.stage * kBN * kBK);
       wgmma_fence();

@@ -46,6 +46,12 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(bar)) : "memory");
 }
 
+// Arrive on bar once every cp.async this thread has issued so far has landed (noinc: the arrival
+// counts against the barrier's expected count, so init it to include one per such thread).
+__device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(shared_address(bar)) : "memory");
+}
+
 // Spin until the phase of this parity has completed. A fresh barrier is in phase 0, and waiting
 // for parity 1 (the phase "before" it) returns at once: how a producer finds every slot free.
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
