@@ -23,11 +23,12 @@ Variants (those this machine cannot run are listed with the reason and skipped):
   the reference run on that same rounded routing, and its routing is made before timing (it reads
   statistics on the host): its time is the experts only, next to ``triton experts`` (the experts
   only, on the top-k routing);
-- ``grouped_mm graphed`` / ``triton graphed``: the same layer captured in a CUDA graph and replayed
-  (tilemoe.graphs.GraphedMoE): the decode path, without launch and Python overhead. Both
-  backends are graphed, so the graph's gain is not credited to the kernels;
-- ``cuda``: the chapter's CUDA C++ grouped GEMM (csrc/, lesson 2) in the grouped_mm pipeline, when
-  tilemoe._C is built;
+- ``grouped_mm graphed`` / ``triton graphed`` / ``cuda graphed``: the same layer captured in a CUDA
+  graph and replayed (tilemoe.graphs.GraphedMoE): the decode path, without launch and Python
+  overhead. Every backend is graphed, so the graph's gain is not credited to the kernels;
+- ``cuda``: the chapter's CUDA C++ kernels (csrc/), when tilemoe._C is built: on an H100/H200 the
+  fused Hopper up-projection (gather + SwiGLU) and the Hopper grouped GEMM, elsewhere lesson 2's
+  tiled kernel in the grouped_mm pipeline;
 - ``sonicmoe``: SonicMoE's kernels (arXiv 2512.14080) on tilemoe's routing, when installed;
 - ``dense floor``: two cuBLAS GEMMs with the layer's FLOPs and no routing ([T*K, H] x [H, 2I]
   and [T*K, I] x [I, H]): what perfect grouped kernels approach when arithmetic bounds them;
@@ -65,7 +66,7 @@ from tilemoe import backends, bench  # noqa: E402
 from tilemoe.graphs import GraphedMoE  # noqa: E402
 
 LAYER_VARIANTS = ("torch", "grouped_mm", "triton", "cuda", "sonicmoe")
-GRAPHED_VARIANTS = ("grouped_mm graphed", "triton graphed")
+GRAPHED_VARIANTS = ("grouped_mm graphed", "triton graphed", "cuda graphed")
 EXPERT_VARIANTS = ("triton experts", "triton+rounding")
 FLOORS = ("dense floor", "weights read")
 VARIANTS = (*LAYER_VARIANTS, *GRAPHED_VARIANTS, *EXPERT_VARIANTS, *FLOORS)
