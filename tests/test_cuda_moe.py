@@ -176,6 +176,20 @@ def test_backend_cuda_runs_the_fused_kernels_at_a_real_shape(preset, monkeypatch
 
 
 @on_hopper
+def test_backend_cuda_replays_as_a_cuda_graph():
+    """GraphedMoE(backend="cuda"): no host sync anywhere in the forward, fresh inputs replayed right."""
+    cfg = tilemoe.get_preset("olmoe-1b-7b")
+    w = cfg.init_weights(device="cuda", dtype=torch.bfloat16, shared=False)
+    moe = tilemoe.graphs.GraphedMoE(w, cfg.top_k, backend="cuda", **cfg.router_options())
+    for seed in range(3):  # capture on the first, replay on the others: each output is the new input's
+        x = torch.randn(64, cfg.hidden, generator=torch.Generator().manual_seed(seed)).bfloat16().cuda()
+        y = moe(x).clone()
+        ref = tilemoe.reference_moe(x.float(), **{k: v.float() for k, v in w.items()}, top_k=cfg.top_k,
+                                    **cfg.router_options())
+        assert tilemoe.rel_error(y, ref) <= tilemoe.TOLERANCE[torch.bfloat16], seed
+
+
+@on_hopper
 def test_backend_cuda_leaves_out_capacity_drops():
     """Slots over capacity are never computed or summed (their rows stay unwritten)."""
     w = make_weights(128, 64, 4, dtype=torch.bfloat16, device="cuda", seed=3)

@@ -276,7 +276,7 @@ def test_graphed_moe_refuses_cpu_weights_and_loops_that_sync():
     w = make_weights(16, 8, 4)
     with pytest.raises(ValueError, match="router_weight: expected a CUDA tensor"):
         GraphedMoE(w, 2)
-    with pytest.raises(ValueError, match="backend: expected one of 'triton', 'grouped_mm', got 'torch'"):
+    with pytest.raises(ValueError, match="backend: expected one of 'triton', 'grouped_mm', 'cuda', got 'torch'"):
         GraphedMoE(w, 2, backend="torch")
 
 

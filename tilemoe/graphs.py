@@ -4,8 +4,8 @@ At 1 to 64 tokens an MoE forward does almost no arithmetic; what it costs is ~20
 GEMM, top-k, metadata, schedule, two grouped GEMMs, combine) and the Python that issues them.
 A CUDA graph records those launches once and replays them with one call: the GPU runs the same
 kernels back to back, with no CPU in between. That only works for code that never waits for the
-host (no ``.item()``, no ``.tolist()``, no data-dependent shapes): the "triton" and "grouped_mm"
-backends qualify, the "torch" loop (which reads the segment bounds on the host) does not.
+host (no ``.item()``, no ``.tolist()``, no data-dependent shapes): the "triton", "grouped_mm" and
+"cuda" backends qualify, the "torch" loop (which reads the segment bounds on the host) does not.
 
     moe = GraphedMoE(weights, top_k=8, backend="triton", **cfg.router_options())
     y = moe(x)        # first call per token count: warm up and capture; then: copy x in, replay
@@ -25,7 +25,7 @@ import torch
 from . import checks
 from .moe import moe_forward
 
-CAPTURABLE = ("triton", "grouped_mm")
+CAPTURABLE = ("triton", "grouped_mm", "cuda")
 
 
 def capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, warmup: int = 2):
