@@ -195,19 +195,8 @@ def grouped_gemm(
         if t.data_ptr() % 16:
             checks.fail(name, "a 16-byte aligned start (a fresh tensor, or a view at a multiple of 8 elements)",
                         f"address {t.data_ptr():#x}")
-    if out is None:
-        out = torch.empty(rows, n, dtype=torch.bfloat16, device=a.device)
-    else:
-        checks.check_tensor("out", out)
-        if out.dtype != torch.bfloat16:
-            checks.fail("out", "dtype torch.bfloat16", out.dtype, TypeError)
-        checks.check_shape("out", out, (rows, n), f"[M, N] = [{rows}, {n}]")
-        checks.check_contiguous("out", out)
-        if out.device != a.device:
-            checks.fail("out", f"device {a.device} (the device of a)", out.device)
-        if out.data_ptr() % 16:  # the epilogues store 16-byte pieces of rows (and TMA boxes)
-            checks.fail("out", "a 16-byte aligned start (a fresh tensor, or a view at a multiple of 8 elements)",
-                        f"address {out.data_ptr():#x}")
+    out = _out(out, (rows, n), a, shape_text=f"[M, N] = [{rows}, {n}]",
+               device_text=f"device {a.device} (the device of a)")
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"tilemoe.cuda.grouped_gemm is unavailable: {reason}")
@@ -317,17 +306,19 @@ def _check_grouping(offsets: torch.Tensor, num_experts: int, rows: int, index: t
                 checks.fail(index_name, f"entries in [0, {bound}) for the rows offsets cover", lo if lo < 0 else hi)
 
 
-def _out(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """out after checking it (bf16, shape, contiguous, like's device, 16-byte aligned), or a new tensor."""
+def _out(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor, *, shape_text: str | None = None,
+         device_text: str | None = None) -> torch.Tensor:
+    """out after checking it (bf16, shape, contiguous, like's device, 16-byte aligned: the epilogues
+    store 16-byte pieces and TMA boxes), or a new tensor. *_text: how the expectation is worded."""
     if out is None:
         return torch.empty(shape, dtype=torch.bfloat16, device=like.device)
     checks.check_tensor("out", out)
     if out.dtype != torch.bfloat16:
         checks.fail("out", "dtype torch.bfloat16", out.dtype, TypeError)
-    checks.check_shape("out", out, shape, f"[{shape[0]}, {shape[1]}]")
+    checks.check_shape("out", out, shape, shape_text or f"[{shape[0]}, {shape[1]}]")
     checks.check_contiguous("out", out)
     if out.device != like.device:
-        checks.fail("out", f"device {like.device}", out.device)
+        checks.fail("out", device_text or f"device {like.device}", out.device)
     if out.data_ptr() % 16:
         checks.fail("out", "a 16-byte aligned start (a fresh tensor, or a view at a multiple of 8 elements)",
                     f"address {out.data_ptr():#x}")

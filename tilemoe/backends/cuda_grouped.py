@@ -1,13 +1,14 @@
 """Backend "cuda": the chapter's CUDA C++ grouped GEMMs behind moe_forward.
 
-On a compute capability 9.0 GPU (a build with the 90a target) it runs the MoE layer's fused Hopper
-GEMMs (csrc/grouped_gemm_hopper.cu: TMA, wgmma, warp specialization, a staged epilogue):
+On a compute capability 9.0 GPU (a build with the 90a target) it runs the Hopper kernels
+(csrc/grouped_gemm_hopper.cu: TMA, wgmma, warp specialization, a staged epilogue):
 
 1. ``tilemoe.cuda.moe_up``: x's rows read through the permutation by the producer warpgroup
    (cp.async), gate and up in one 128 x 256 wgmma tile, SwiGLU in the epilogue -> act [T*K, I];
-2. ``tilemoe.cuda.moe_down``: act @ w_down[e]^T, each row scaled by its routing weight and written
-   to its token-slot's row -> [T*K, H];
-3. the combine: a sum of each token's K consecutive rows (tilemoe.triton.ops.combine, in fp32).
+2. ``tilemoe.cuda.grouped_gemm`` (variant "hopper", TMA-store epilogue): act @ w_down[e]^T in
+   expert order -> [T*K, H];
+3. the combine: each slot's row read through the inverse permutation, weighted and summed per
+   token in fp32 (tilemoe.triton.ops.combine(grouped=True); the PyTorch combine without Triton).
 
 Routing comes from the one-launch Triton router and metadata kernel (FUSED_ROUTING), like backend
 "triton": no host synchronization anywhere, capturable in a CUDA graph.
