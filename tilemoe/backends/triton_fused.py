@@ -4,10 +4,12 @@ The gather of x's rows is fused into the up-projection's loads, SwiGLU into its 
 routing weights into the down-projection's epilogue, and the combine is one sum over each token's
 K rows. Four kernel launches after routing (schedule, two GEMMs, combine); no host synchronization.
 
-Gradients: the backward pass is not written in Triton yet (issue #9). It recomputes the forward
-through the PyTorch path ("grouped_mm" where it runs these inputs, else the "torch" loop) and
-differentiates that: correct gradients for x, the routing weights (so the router) and both weight
-tensors, at the PyTorch path's speed plus one extra forward.
+Gradients: the backward runs in Triton too (``ops.moe_experts_backward``), memory-lean like
+SonicMoE's: the forward saves only x, the pre-activation [gate | up] and the routing metadata; the
+backward recomputes the activation in its first GEMM's epilogue and returns gradients for x, the
+routing weights (so the router, through PyTorch's autograd of the routing) and both weight tensors.
+``backend="auto"`` does not train with it yet (FAST_BACKWARD): its speed against grouped_mm's
+backward has not been measured on a GPU.
 
 Runs on NVIDIA GPUs in bfloat16, float16 or float32 (float32 without TF32: exact fp32 products),
 and on the CPU under TRITON_INTERPRET=1 (float16/float32; Triton must be imported after the
@@ -20,12 +22,11 @@ import torch
 
 from .. import checks
 from ..routing import Routing
-from .common import recompute_backward
 
 NAME = "triton"
 # moe_forward routes for this backend with the one-launch Triton router (tilemoe/triton/router.py).
 FUSED_ROUTING = True
-# The backward recomputes through the PyTorch path: backend="auto" trains with grouped_mm instead.
+# The Triton backward is not yet measured against grouped_mm's: backend="auto" trains with grouped_mm.
 FAST_BACKWARD = False
 
 
@@ -63,12 +64,29 @@ def check_inputs(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_d
                     f"T = {routing.num_tokens}, E = {routing.num_experts}")
 
 
-def _forward(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    return ops().moe_experts(x, routing, w_gate_up, w_down)[0]
+class _TritonExperts(torch.autograd.Function):
+    """The experts, forward and backward in Triton. Saved for the backward: x, the pre-activation
+    [T*K, 2I] and the routing (the weights are the caller's); the activation is recomputed."""
+
+    @staticmethod
+    def forward(ctx, x, topk_weights, w_gate_up, w_down, routing):
+        y, saved = ops().moe_experts(x, routing, w_gate_up, w_down, store_pre=True)
+        ctx.save_for_backward(x, w_gate_up, w_down, saved["pre"])
+        ctx.routing = routing
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_gate_up, w_down, pre = ctx.saved_tensors
+        grads = ops().moe_experts_backward(dy, x, pre, ctx.routing, w_gate_up, w_down, needs=ctx.needs_input_grad[:4])
+        return (*grads, None)
 
 
 def experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     check_inputs(x, routing, w_gate_up, w_down)
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
-    return recompute_backward(_forward, x, routing, w_gate_up, w_down)
+    inputs = (x, routing.topk_weights, w_gate_up, w_down)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _TritonExperts.apply(*inputs, routing)
+    return ops().moe_experts(x, routing, w_gate_up, w_down)[0]  # no autograd Function: decode counts microseconds

@@ -53,6 +53,24 @@ def rule(projection: str, rows_per_expert: float) -> TileConfig:
     return TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)
 
 
+@dataclass(frozen=True)
+class WgradConfig:
+    """The weight gradients' tiles (``grouped_wgrad_kernel``): BLOCK_N1 x BLOCK_N2 outputs per
+    program, summed over the expert's rows BLOCK_R at a time."""
+    block_n1: int = 128
+    block_n2: int = 128
+    block_r: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def backward_rule(rows_per_expert: float) -> tuple[TileConfig, TileConfig, WgradConfig]:
+    """The backward's configurations (not tuned yet): dY @ W_down with the SwiGLU-gradient epilogue
+    and dX share one schedule, so one BLOCK_M: the down-projection's rule for both."""
+    grad = rule("down", rows_per_expert)
+    return grad, grad, WgradConfig()
+
+
 @lru_cache(maxsize=None)
 def tuned_table(gpu_slug: str) -> tuple[dict, ...]:
     """The rows of tuned/<gpu_slug>.json (empty when this GPU was never tuned)."""

@@ -1,4 +1,5 @@
-"""The Triton kernels of the fast path: a tile schedule, and one grouped GEMM used three ways.
+"""The Triton kernels of the fast path: a tile schedule, one grouped GEMM used four ways (the
+forward's two projections, the backward's two), and the weight gradients' grouped GEMM.
 
 An MoE layer's experts are two grouped GEMMs over the token-slots sorted by expert
 (``Routing.sorted_slots``): row r of the grouped matrix belongs to expert e when
@@ -11,15 +12,24 @@ blocks is data-dependent, so the GEMM is launched for an upper bound and the sur
 return at once (or, persistent, never pick up a tile past the real count).
 
 ``grouped_gemm_kernel`` then computes C_e = A_e @ W_e^T for every expert segment, W in the
-nn.Linear [E, N, K] layout, with three optional fusions chosen by constexpr flags:
+nn.Linear [E, N, K] layout (or, in the backward, the same weights read transposed), with optional
+fusions chosen by constexpr flags:
 
 - GATHER_A: row r of A is x[sorted_tokens[r]]: the up-projection reads tokens through the
-  permutation, so no permuted copy of x is ever written.
+  permutation, so no permuted copy of x is ever written (the backward reads dY the same way).
 - SWIGLU: two accumulators, gate (W rows 0..N-1) and up (rows N..2N-1); the epilogue writes
   silu(gate) * up, and the pre-activation [gate | up] too when STORE_PRE (what a backward needs).
-- SCATTER_C: the down-projection multiplies row r by its slot's routing weight and writes it to
-  the slot's own row, sorted_slots[r], of a [T*K, N] output: the combine is then a plain sum of
-  each token's K consecutive rows (deterministic, no atomics).
+- SCALE_ROWS + SCATTER_C: the down-projection multiplies row r by its slot's routing weight and
+  writes it to the slot's own row, sorted_slots[r], of a [T*K, N] output: the combine is then a
+  plain sum of each token's K consecutive rows (deterministic, no atomics). The backward's dX
+  scatters without scaling.
+- SWIGLU_GRAD: the backward's first GEMM, dY @ W_down: its epilogue recomputes the activation
+  from the saved pre-activation and writes the gradients of gate and up, the weighted activation
+  the down-projection's weight gradient needs, and each row's share of its routing weight's
+  gradient.
+
+``grouped_wgrad_kernel`` computes the weight gradients, dW_e = A_e^T @ B_e: a GEMM whose reduction
+runs over the expert's own rows, so its length is the expert's token count.
 
 ``combine_kernel`` is that sum. Slots that no expert kept (capacity drops, the -1 padding of token
 rounding) were never written: it skips them by their id instead of reading zeros someone wrote.
@@ -68,21 +78,24 @@ def schedule_kernel(counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, nu
 
 @triton.jit
 def grouped_gemm_kernel(
-    a_ptr, w_ptr, c_ptr, pre_ptr,
-    gather_ptr, scatter_ptr, scale_ptr,
+    a_ptr, w_ptr, c_ptr, pre_ptr, act_ptr, dscale_ptr,
+    gather_ptr, slot_ptr, scale_ptr,
     block_expert_ptr, block_row_ptr, offsets_ptr, num_blocks_ptr,
     N, K,
-    stride_am, stride_we, stride_wn, stride_cm, stride_pm,
+    stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_pm, stride_actm,
     NUM_PROGRAMS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, SCATTER_C: tl.constexpr,
+    SCALE_ROWS: tl.constexpr, SWIGLU_GRAD: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
     FLATTEN: tl.constexpr, ROWS_FULL: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     """C[rows of expert e] = epilogue(A[rows] @ W[e]^T) over the row blocks of schedule_kernel.
 
-    a: [R, K] (or x [T, K] read through gather_ptr when GATHER_A), w: [E, N or 2N, K] with K
-    contiguous, c: [R, N] (or [T*K, N] written through scatter_ptr when SCATTER_C).
+    a: [R, K] (or x [T, K] read through gather_ptr when GATHER_A), w: [E, N or 2N, K] at strides
+    (stride_we, stride_wn, stride_wk) (the forward's weights have stride_wk = 1; the backward reads
+    them transposed), c: [R, N] (or [T*K, N] written through slot_ptr when SCATTER_C).
+    SCALE_ROWS multiplies row r by scale[slot of r] (its routing weight).
     Programs walk tiles pid, pid + NUM_PROGRAMS, ...: a launch of one program per tile visits
     each once; a persistent launch of a few programs per SM loops (FLATTEN lets the software
     pipeline start the next tile's loads during this tile's epilogue).
@@ -131,7 +144,7 @@ def grouped_gemm_kernel(
         if W_TMA:
             w_row = (expert * (stride_we // stride_wn) + pid_n * BLOCK_N).to(tl.int32)  # first row in w as [E*rows, K]
         else:
-            w_ptrs = w_ptr + expert * stride_we + cols_in[None, :] * stride_wn + ks[:, None]  # W^T tile [BK, BN]
+            w_ptrs = w_ptr + expert * stride_we + cols_in[None, :] * stride_wn + ks[:, None] * stride_wk  # W^T tile [BK, BN]
             if SWIGLU:
                 up_ptrs = w_ptrs + N * stride_wn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -161,11 +174,11 @@ def grouped_gemm_kernel(
                     u = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
                 acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
                 if not W_TMA:
-                    up_ptrs += BLOCK_K
+                    up_ptrs += BLOCK_K * stride_wk
             if not A_TMA:
                 a_ptrs += BLOCK_K
             if not W_TMA:
-                w_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K * stride_wk
 
         store_ok = row_ok[:, None] & (cols < N)[None, :]
         rows64 = rows.to(tl.int64)
@@ -179,17 +192,79 @@ def grouped_gemm_kernel(
                     tl.store(pre, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
                     tl.store(pre + N, acc_up.to(pre_ptr.dtype.element_ty), mask=store_ok)
             acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
-        if SCATTER_C:
-            slots = tl.load(scatter_ptr + rows_in)
-            acc = acc * tl.load(scale_ptr + slots)[:, None].to(tl.float32)
-            out_rows = slots.to(tl.int64)
+        if SCATTER_C or SCALE_ROWS:
+            slots = tl.load(slot_ptr + rows_in)
+        if SCALE_ROWS:
+            scale = tl.load(scale_ptr + slots).to(tl.float32)[:, None]
+        if SWIGLU_GRAD:
+            # acc = dY[token] @ W_down[e], the gradient of the expert's activation before its routing
+            # weight p. Recompute A = silu(gate) * up from the saved pre-activation, then:
+            #   dp (this tile's columns' share) = sum_i acc_i * A_i, the routing weight's gradient;
+            #   p * A, the down-projection's weight gradient needs (act_ptr);
+            #   dA = p * acc, and through SwiGLU: d gate = dA * up * silu'(gate), d up = dA * silu(gate).
+            pre = pre_ptr + rows64[:, None] * stride_pm + cols[None, :]
+            gate = tl.load(pre, mask=store_ok, other=0.0).to(tl.float32)
+            up = tl.load(pre + N, mask=store_ok, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(gate)
+            silu_gate = gate * sig
+            act = silu_gate * up  # zero in masked columns: they add nothing to dp
+            tl.store(dscale_ptr + rows64 * num_pid_n + pid_n, tl.sum(acc * act, axis=1), mask=row_ok)
+            tl.store(act_ptr + rows64[:, None] * stride_actm + cols[None, :],
+                     (act * scale).to(act_ptr.dtype.element_ty), mask=store_ok)
+            d_act = acc * scale
+            c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
+            tl.store(c_ptrs, (d_act * up * sig * (1.0 + gate * (1.0 - sig))).to(c_ptr.dtype.element_ty),
+                     mask=store_ok)
+            tl.store(c_ptrs + N, (d_act * silu_gate).to(c_ptr.dtype.element_ty), mask=store_ok)
         else:
-            out_rows = rows64
-        c_ptrs = c_ptr + out_rows[:, None] * stride_cm + cols[None, :]
-        if ROWS_FULL and EVEN_N:  # a tile-aligned routing: every row and column of the tile is real
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty))
+            if SCALE_ROWS:
+                acc = acc * scale
+            if SCATTER_C:
+                out_rows = slots.to(tl.int64)
+            else:
+                out_rows = rows64
+            c_ptrs = c_ptr + out_rows[:, None] * stride_cm + cols[None, :]
+            if ROWS_FULL and EVEN_N:  # a tile-aligned routing: every row and column of the tile is real
+                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty))
+            else:
+                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def grouped_wgrad_kernel(a_ptr, b_ptr, c_ptr, a_gather_ptr, b_gather_ptr, offsets_ptr,
+                         N1, N2, stride_am, stride_bm, stride_ce, stride_cn,
+                         BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_R: tl.constexpr,
+                         GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """C[e] = A[rows of e]^T @ B[rows of e] for expert e = program_id(1): [N1, N2] per expert.
+
+    a: [R, N1] (or read through a_gather_ptr: row r is a[a_gather[r]]), b: [R, N2] likewise,
+    c: [E, N1, N2]. The reduction runs over the expert's grouped rows offsets[e] .. offsets[e+1],
+    BLOCK_R at a time (the last chunk masked); an expert with no rows gets zeros.
+    """
+    expert = tl.program_id(1)
+    tiles_n2 = tl.cdiv(N2, BLOCK_N2)
+    n1 = (tl.program_id(0) // tiles_n2) * BLOCK_N1 + tl.arange(0, BLOCK_N1)
+    n2 = (tl.program_id(0) % tiles_n2) * BLOCK_N2 + tl.arange(0, BLOCK_N2)
+    n1_ok, n2_ok = n1 < N1, n2 < N2
+    start = tl.load(offsets_ptr + expert)
+    end = tl.load(offsets_ptr + expert + 1)
+    acc = tl.zeros((BLOCK_N1, BLOCK_N2), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < end
+        if GATHER_A:
+            a_rows = tl.load(a_gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         else:
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=store_ok)
+            a_rows = rows.to(tl.int64)
+        if GATHER_B:
+            b_rows = tl.load(b_gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            b_rows = rows.to(tl.int64)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + n1[None, :], mask=row_ok[:, None] & n1_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + n2[None, :], mask=row_ok[:, None] & n2_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
+    c = c_ptr + expert.to(tl.int64) * stride_ce + n1[:, None].to(tl.int64) * stride_cn + n2[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=n1_ok[:, None] & n2_ok[None, :])
 
 
 @triton.jit

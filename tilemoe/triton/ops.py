@@ -10,6 +10,13 @@ Four launches after routing, none waiting for the host:
    slot's row -> [T, K, H];
 4. combine: y = the sum over K (one pass, fp32 accumulation, deterministic; unkept slots skipped).
    ``combine(grouped=True)`` is how backend "cuda" combines its plain Hopper down-projection.
+
+    dx, d_weights, d_gate_up, d_down = moe_experts_backward(dy, x, pre, routing, w_gate_up, w_down)
+
+The backward, from x and the pre-activation the forward saved (store_pre=True): one grouped GEMM
+dY @ W_down whose epilogue recomputes the activation and applies SwiGLU's derivative, two weight
+gradient GEMMs (each a sum over an expert's rows), and dX as a grouped GEMM scattered to the slots
+and combined like y. No atomics: every gradient is deterministic.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..routing import Routing
 from . import configs
-from .kernels import combine_kernel, grouped_gemm_kernel, schedule_kernel, swiglu_kernel
+from .kernels import combine_kernel, grouped_gemm_kernel, grouped_wgrad_kernel, schedule_kernel, swiglu_kernel
 
 GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Triton's interpreter multiplies bf16 as raw bit patterns in tl.dot (triton-lang/triton#11584).
@@ -104,11 +111,16 @@ class Schedule:
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: Schedule, config: configs.TileConfig,
                  *, n: int, gather: torch.Tensor | None = None, swiglu: bool = False, pre: torch.Tensor | None = None,
-                 scatter: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                 scatter: bool = False, scale: torch.Tensor | None = None,
+                 swiglu_grad: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  out: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = epilogue(a[rows] @ w[e, :n]^T) for every expert (grouped_gemm_kernel's flags).
 
-    The caller has checked shapes, dtypes and contiguity (``tilemoe.backends.triton_fused``).
+    w [E, N, K] may be a transposed view (the backward's): TMA then loads neither operand.
+    scatter: write row r to its slot's row (``routing.sorted_slots``); scale: [T*K] fp32, each row
+    multiplied by its slot's entry; swiglu_grad: (pre, act, dscale), the backward epilogue's saved
+    pre-activation (read) and its two extra outputs. The caller has checked shapes, dtypes and
+    contiguity (``tilemoe.backends.triton_fused``).
     """
     k = a.shape[1]
     tiles_n = triton.cdiv(n, config.block_n)
@@ -119,22 +131,34 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     a_tma = w_tma and gather is None and tma_allowed(a)
     a_arg = TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]) if a_tma else a
     w_arg = TensorDescriptor.from_tensor(w.view(-1, k), [config.block_n, config.block_k]) if w_tma else w
+    if swiglu_grad is not None:
+        pre, act, dscale = swiglu_grad
+    else:
+        act = dscale = None
     grouped_gemm_kernel[(programs,)](
-        a_arg, w_arg, out, pre if pre is not None else out,
-        gather if gather is not None else dummy, scatter if scatter is not None else dummy,
+        a_arg, w_arg, out, pre if pre is not None else out, act if act is not None else out,
+        dscale if dscale is not None else dummy,
+        gather if gather is not None else dummy, routing.sorted_slots,
         scale if scale is not None else dummy,
         schedule.expert, schedule.row, routing.offsets, schedule.num_blocks,
         n, k,
-        a.stride(0), w.stride(0), w.stride(1), out.stride(0), pre.stride(0) if pre is not None else 0,
+        a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0), pre.stride(0) if pre is not None else 0,
+        act.stride(0) if act is not None else 0,
         programs,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        GATHER_A=gather is not None, SWIGLU=swiglu, STORE_PRE=pre is not None, SCATTER_C=scatter is not None,
-        EVEN_K=k % config.block_k == 0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        GATHER_A=gather is not None, SWIGLU=swiglu, STORE_PRE=swiglu and pre is not None, SCATTER_C=scatter,
+        SCALE_ROWS=scale is not None, SWIGLU_GRAD=swiglu_grad is not None,
+        EVEN_K=k % config.block_k == 0, DOT_PRECISION=dot_precision(a.dtype),
         A_TMA=a_tma, W_TMA=w_tma, FLATTEN=config.persistent and not interpreted(),
         ROWS_FULL=routing.row_multiple % config.block_m == 0, EVEN_N=n % config.block_n == 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands multiply exactly ("ieee", no TF32); 16-bit ones are exact in any precision."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def pick_configs(routing: Routing, hidden: int, ffn: int, device: torch.device) -> tuple[configs.TileConfig, configs.TileConfig]:
@@ -170,9 +194,77 @@ def moe_experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_do
                  pre=pre, out=act)
     rows = x.new_empty(slots, hidden)  # dropped slots' rows stay unwritten: the combine skips them
     weights = routing.topk_weights.reshape(-1).to(torch.float32)
-    grouped_gemm(act, w_down, routing, schedule, down_cfg, n=hidden, scatter=routing.sorted_slots, scale=weights,
-                 out=rows)
+    grouped_gemm(act, w_down, routing, schedule, down_cfg, n=hidden, scatter=True, scale=weights, out=rows)
     return combine(rows, routing), {"act": act, "pre": pre, "schedule": schedule, "configs": (up_cfg, down_cfg)}
+
+
+def moe_experts_backward(dy: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, routing: Routing,
+                         w_gate_up: torch.Tensor, w_down: torch.Tensor, *, needs: tuple = (True, True, True, True),
+                         tile_configs: tuple | None = None) -> tuple:
+    """Gradients of ``moe_experts``' y with respect to (x, routing.topk_weights, w_gate_up, w_down).
+
+    dy [T, H]; pre [T*K, 2I], the pre-activation the forward saved (store_pre=True). The activation
+    A = silu(gate) * up is recomputed from it, never saved. needs: which of the four to compute
+    (None in their place otherwise). With slot s = (t, k) of expert e, weight p and the grouped row r:
+      dA_r      = p * dy[t] @ W_down[e]        the first GEMM, dY read through the permutation;
+      dp_s      = (dy[t] @ W_down[e]) . A_r    in its epilogue, with d gate and d up (SwiGLU's
+                                               derivative) and p * A_r for the next line;
+      dW_down_e = sum_r dy[t]^T (p * A_r)      weight gradients: reductions over each expert's rows
+      dW_gu_e   = sum_r [d gate | d up]_r^T x[t]
+      dx[t]     = sum_k [d gate | d up]_r @ W_gu[e]   grouped GEMM, scattered to slots, then summed.
+    tile_configs: (dY GEMM, dX GEMM, weight gradients) to use instead of ``configs.backward_rule``.
+    """
+    num_tokens, hidden = x.shape
+    top_k, ffn = routing.top_k, w_down.shape[2]
+    slots = num_tokens * top_k
+    grad_cfg, dx_cfg, wgrad_cfg = tile_configs or configs.backward_rule(slots / routing.num_experts)
+    if dx_cfg.block_m != grad_cfg.block_m:
+        raise ValueError(f"tile_configs: the dY and dX GEMMs share one schedule, so one block_m; got "
+                         f"{grad_cfg.block_m} and {dx_cfg.block_m}")
+    dy = dy.contiguous()
+    schedule = Schedule(routing, grad_cfg.block_m)
+    d_pre = x.new_empty(slots, 2 * ffn)
+    act = x.new_empty(slots, ffn)  # p * A, for the down-projection's weight gradient
+    dscale = torch.empty(slots, triton.cdiv(ffn, grad_cfg.block_n), dtype=torch.float32, device=x.device)
+    weights = routing.topk_weights.reshape(-1).to(torch.float32)
+    grouped_gemm(dy, w_down.transpose(1, 2), routing, schedule, grad_cfg, n=ffn, gather=routing.sorted_tokens,
+                 scale=weights, swiglu_grad=(pre, act, dscale), out=d_pre)
+    need_x, need_weights, need_gate_up, need_down = needs
+    d_weights = d_gate_up = d_down = dx = None
+    if need_weights:  # rows of dropped slots were never computed: their gradient is zero
+        dp = dscale.sum(dim=1)[routing.slot_position].view(num_tokens, top_k)
+        d_weights = torch.where(routing.dropped, 0.0, dp).to(routing.topk_weights.dtype)
+    if need_down:
+        d_down = weight_gradient(dy, act, routing, wgrad_cfg, a_gather=routing.sorted_tokens, dtype=w_down.dtype)
+    if need_gate_up:
+        d_gate_up = weight_gradient(d_pre, x, routing, wgrad_cfg, b_gather=routing.sorted_tokens,
+                                    dtype=w_gate_up.dtype)
+    if need_x:
+        rows = x.new_empty(slots, hidden)
+        grouped_gemm(d_pre, w_gate_up.transpose(1, 2), routing, schedule, dx_cfg, n=hidden, scatter=True, out=rows)
+        dx = combine(rows, routing)
+    return dx, d_weights, d_gate_up, d_down
+
+
+def weight_gradient(a: torch.Tensor, b: torch.Tensor, routing: Routing, config: configs.WgradConfig, *,
+                    a_gather: torch.Tensor | None = None, b_gather: torch.Tensor | None = None,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """dW [E, N1, N2]: for every expert e, the sum over its grouped rows r of a[r]^T b[r] (a row
+    read through a_gather / b_gather when given): ``grouped_wgrad_kernel``. Experts with no rows
+    get zeros."""
+    n1, n2 = a.shape[1], b.shape[1]
+    num_experts = routing.num_experts
+    out = torch.empty(num_experts, n1, n2, dtype=dtype, device=a.device)
+    dummy = routing.offsets
+    grid = (triton.cdiv(n1, config.block_n1) * triton.cdiv(n2, config.block_n2), num_experts)
+    grouped_wgrad_kernel[grid](
+        a, b, out, a_gather if a_gather is not None else dummy, b_gather if b_gather is not None else dummy,
+        routing.offsets, n1, n2, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
+        BLOCK_N1=config.block_n1, BLOCK_N2=config.block_n2, BLOCK_R=config.block_r,
+        GATHER_A=a_gather is not None, GATHER_B=b_gather is not None, DOT_PRECISION=dot_precision(a.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
 
 
 def combine(rows: torch.Tensor, routing: Routing, *, grouped: bool = False) -> torch.Tensor:

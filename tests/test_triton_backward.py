@@ -1,0 +1,191 @@
+"""The Triton backward (``ops.moe_experts_backward``, behind backend "triton") against the reference's
+autograd: gradients of x, the routing weights and both weight tensors, on ragged routing, memory
+poisoned (a gradient row the kernels forget to write is NaN and fails).
+
+Without a GPU the kernels run in Triton's interpreter (float32/float16, small shapes); on a GPU the
+same checks run compiled, bfloat16 included (pytest -m gpu).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import tilemoe
+from moe_cases import RAGGED, distinct_ids, forced_routing, make_weights
+from tilemoe import backends
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = [pytest.mark.usefixtures("poison_uninitialized_memory"), *([pytest.mark.gpu] if DEVICE.type == "cuda" else [])]
+REASON = backends.unavailable_reason("triton", DEVICE, torch.float32, 64, 32)
+needs_triton = pytest.mark.skipif(REASON is not None, reason=str(REASON))
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+NAMES = ("x", "topk_weights", "w_gate_up", "w_down")
+
+
+def ops():
+    from tilemoe.triton import configs, ops
+
+    return ops, configs
+
+
+def reference_grads(x, w, routing, dy):
+    """The four gradients of the float64 reference on the same routing."""
+    leaves = [x.double(), routing.topk_weights.double(), w["w_gate_up"].double(), w["w_down"].double()]
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    routed = dataclasses.replace(routing, topk_weights=leaves[1])
+    y = tilemoe.reference_moe(leaves[0], w["router_weight"].double(), leaves[2], leaves[3], routing.top_k,
+                              routing=routed)
+    y.backward(dy.double())
+    return dict(zip(NAMES, (t.grad for t in leaves)))
+
+
+def triton_grads(x, w, routing, dy):
+    """The four gradients through moe_forward(backend="triton"), which runs the Triton backward."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, routing.topk_weights, w["w_gate_up"], w["w_down"])]
+    routed = dataclasses.replace(routing, topk_weights=leaves[1])
+    y = tilemoe.moe_forward(leaves[0], w["router_weight"], leaves[2], leaves[3], routing.top_k, backend="triton",
+                            routing=routed)
+    y.backward(dy)
+    for name, leaf in zip(NAMES, leaves):
+        assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, f"{name}: {leaf.grad}"
+    return dict(zip(NAMES, (t.grad for t in leaves)))
+
+
+def assert_close(ours, ref, dtype, routing):
+    for name in NAMES:
+        assert ours[name].shape == ref[name].shape, name
+        err = tilemoe.rel_error(ours[name], ref[name])
+        assert err <= tilemoe.TOLERANCE[dtype], f"{name}: rel. error {err:.2e}"
+    assert bool((ours["topk_weights"][routing.dropped] == 0).all()), "a dropped slot got a gradient"
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(RAGGED))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_matches_reference_autograd_on_ragged_routing(case, dtype):
+    num_tokens, top_k, num_experts, ids = RAGGED[case]
+    w = make_weights(64, 48, num_experts, dtype=dtype, device=DEVICE, seed=21)
+    x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+    dy = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    routing = forced_routing(ids().to(DEVICE), num_experts, seed=6)
+    assert_close(triton_grads(x, w, routing, dy), reference_grads(x, w, routing, dy), dtype, routing)
+
+
+@needs_triton
+def test_dropped_slots_by_capacity_and_rounding_get_no_gradient():
+    w = make_weights(64, 32, 8, device=DEVICE, seed=3)
+    x = torch.randn(90, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    dy = torch.randn(90, 64, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    logits = tilemoe.router_logits(x, w["router_weight"])
+    dropped = tilemoe.route(logits, 2, capacity_factor=0.5)
+    assert bool(dropped.dropped.any())
+    assert_close(triton_grads(x, w, dropped, dy), reference_grads(x, w, dropped, dy), torch.float32, dropped)
+    rounded = tilemoe.round_routing(logits.softmax(-1), tilemoe.route(logits, 2), 16, "down").routing
+    assert rounded.has_empty_slots
+    assert_close(triton_grads(x, w, rounded, dy), reference_grads(x, w, rounded, dy), torch.float32, rounded)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_every_backward_tile_shape_on_ragged_shapes(block_m):
+    # H = 40 and I = 24 are not multiples of the 16-column tiles or of BLOCK_K = 32, and expert 3's
+    # 71 rows are not a multiple of BLOCK_R = 16: every mask of the three backward kernels is used.
+    ops_mod, configs = ops()
+    num_experts, top_k = 6, 2
+    w = make_weights(40, 24, num_experts, device=DEVICE, seed=2)
+    x = torch.randn(71, 40, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    dy = torch.randn(71, 40, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    ids = distinct_ids(71, top_k, [0, 2, 3, 5], seed=6, first=3)  # empty experts 1 and 4
+    routing = forced_routing(ids.to(DEVICE), num_experts, seed=1)
+    tile = configs.TileConfig(block_m, 16, 32, group_m=2, num_warps=4, num_stages=2)
+    wgrad = configs.WgradConfig(16, 16, 16, num_warps=4, num_stages=2)
+    _, saved = ops_mod.moe_experts(x, routing, w["w_gate_up"], w["w_down"], store_pre=True)
+    grads = ops_mod.moe_experts_backward(dy, x, saved["pre"], routing, w["w_gate_up"], w["w_down"],
+                                         tile_configs=(tile, tile, wgrad))
+    ref = reference_grads(x, w, routing, dy)
+    for name, ours in zip(NAMES, grads):
+        assert tilemoe.rel_error(ours, ref[name]) <= 1e-4, name
+    assert bool((grads[2][[1, 4]] == 0).all()) and bool((grads[3][[1, 4]] == 0).all()), "empty experts: zero dW"
+
+
+@needs_triton
+def test_only_the_wanted_gradients_are_computed():
+    ops_mod, _ = ops()
+    w = make_weights(32, 16, 4, device=DEVICE, seed=7)
+    x = torch.randn(23, 32, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    routing = forced_routing(distinct_ids(23, 2, [0, 1, 3], seed=2).to(DEVICE), 4)
+    _, saved = ops_mod.moe_experts(x, routing, w["w_gate_up"], w["w_down"], store_pre=True)
+    grads = ops_mod.moe_experts_backward(x, x, saved["pre"], routing, w["w_gate_up"], w["w_down"],
+                                         needs=(False, True, False, True))
+    assert grads[0] is None and grads[2] is None and grads[1] is not None and grads[3] is not None
+
+
+@needs_triton
+def test_the_forward_saves_only_x_the_pre_activation_and_the_weights():
+    # Memory-lean like SonicMoE: the activation [T*K, I] and the expert outputs are not kept for the
+    # backward (the activation is recomputed there from the pre-activation).
+    num_tokens, hidden, ffn, top_k = 29, 32, 16, 2
+    w = make_weights(hidden, ffn, 4, device=DEVICE, seed=1)
+    x = torch.randn(num_tokens, hidden, device=DEVICE, requires_grad=True)
+    routing = forced_routing(distinct_ids(num_tokens, top_k, [0, 1, 2, 3], seed=3).to(DEVICE), 4)
+    w_gate_up = w["w_gate_up"].clone().requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tilemoe.moe_forward(x, w["router_weight"], w_gate_up, w["w_down"], top_k, backend="triton", routing=routing)
+    assert sorted(saved) == sorted([(num_tokens, hidden), tuple(w_gate_up.shape), tuple(w["w_down"].shape),
+                                    (num_tokens * top_k, 2 * ffn)])
+
+
+@needs_triton
+def test_backward_tile_configs_must_share_one_block_m():
+    ops_mod, configs = ops()
+    w = make_weights(32, 16, 4, device=DEVICE, seed=7)
+    x = torch.randn(5, 32, device=DEVICE)
+    routing = forced_routing(distinct_ids(5, 2, [0, 1], seed=2).to(DEVICE), 4)
+    a, b = configs.TileConfig(16, 16, 32), configs.TileConfig(32, 16, 32)
+    with pytest.raises(ValueError, match="tile_configs: the dY and dX GEMMs share one schedule.*16 and 32"):
+        ops_mod.moe_experts_backward(x, x, x, routing, w["w_gate_up"], w["w_down"],
+                                     tile_configs=(a, b, configs.WgradConfig()))
+
+
+# -- GPU only -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b"])
+@pytest.mark.parametrize("tokens", [1, 1000])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_backward_at_real_shapes_bf16(preset, tokens):
+    cfg = tilemoe.get_preset(preset)
+    w = cfg.init_weights(device="cuda", dtype=torch.bfloat16, shared=False)
+    x = torch.randn(tokens, cfg.hidden, device="cuda").bfloat16()  # 1000: not a multiple of any tile
+    dy = torch.randn(tokens, cfg.hidden, device="cuda").bfloat16()
+    routing = tilemoe.route(tilemoe.router_logits(x, w["router_weight"]), cfg.top_k, **cfg.router_options())
+    ours = triton_grads(x, w, routing, dy)
+    ref = reference_grads(x.float(), {k: v.float() for k, v in w.items()}, routing, dy.float())
+    assert_close(ours, ref, torch.bfloat16, routing)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_backward_has_no_host_sync():
+    cfg = tilemoe.get_preset("olmoe-1b-7b")
+    w = cfg.init_weights(device="cuda", dtype=torch.bfloat16, shared=False)
+    x = torch.randn(4096, cfg.hidden, device="cuda").bfloat16()
+    routing = tilemoe.route(tilemoe.router_logits(x, w["router_weight"]), cfg.top_k, **cfg.router_options())
+    ops_mod, _ = ops()
+    _, saved = ops_mod.moe_experts(x, routing, w["w_gate_up"], w["w_down"], store_pre=True)
+    ops_mod.moe_experts_backward(x, x, saved["pre"], routing, w["w_gate_up"], w["w_down"])  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops_mod.moe_experts_backward(x, x, saved["pre"], routing, w["w_gate_up"], w["w_down"])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
