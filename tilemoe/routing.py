@@ -385,6 +385,16 @@ def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_expert
     return num_experts * (fraction * probs.mean(dim=0)).sum()
 
 
+def update_score_bias(score_bias: torch.Tensor, loads: torch.Tensor, rate: float) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing, one step, in place and without a host sync:
+    score_bias[e] += rate for every expert loaded below the mean, -= rate above it (unchanged at
+    exactly the mean). The bias only steers selection (``select_experts``), so the combine weights,
+    and what the layer computes for a chosen expert, do not change."""
+    checks.check_positive_float("rate", rate)
+    x = loads.to(score_bias.dtype)
+    score_bias.add_(rate * torch.sign(x.mean() - x))
+
+
 # -- Load statistics: how unevenly the experts are loaded. Each takes per-expert token counts. --
 
 def _loads(loads) -> torch.Tensor:

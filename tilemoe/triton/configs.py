@@ -19,12 +19,31 @@ shapes it was measured on: the nearest measured m of the same (projection, N, K)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 TUNED_DIR = Path(__file__).parent / "tuned"
+_TMA_ON = contextvars.ContextVar("tilemoe_triton_tma", default=True)
+
+
+@contextlib.contextmanager
+def tma_enabled(enabled: bool):
+    """Inside the block the kernels use TMA only if ``enabled`` (and their configuration and the GPU
+    allow it): ``OptimizedMoELayer(use_io_overlap=False)`` runs them with plain pointer loads."""
+    token = _TMA_ON.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TMA_ON.reset(token)
+
+
+def tma_on() -> bool:
+    """False inside ``tma_enabled(False)``."""
+    return _TMA_ON.get()
 
 
 @dataclass(frozen=True)

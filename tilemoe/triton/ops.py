@@ -127,7 +127,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     max_tiles = schedule.max_blocks * tiles_n
     programs = min(max_tiles, 2 * num_sms(a.device)) if config.persistent else max_tiles
     dummy = schedule.row  # stands in for unused pointers (never read)
-    w_tma = config.tma and tma_allowed(w)
+    w_tma = config.tma and configs.tma_on() and tma_allowed(w)
     a_tma = w_tma and gather is None and tma_allowed(a)
     a_arg = TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]) if a_tma else a
     w_arg = TensorDescriptor.from_tensor(w.view(-1, k), [config.block_n, config.block_k]) if w_tma else w
