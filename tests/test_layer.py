@@ -229,3 +229,14 @@ def test_bad_state_dicts_are_refused_by_name():
         layer.load_hf_state_dict(sd)
     with pytest.raises(ValueError, match="config: expected the config of one of"):
         OptimizedMoELayer.from_hf(transformers.LlamaConfig(), sd)
+
+
+def test_rounding_applies_in_training_mode_only():
+    layer = make_layer(backend="torch", rounding="nearest", tile_size=8)
+    x = torch.randn(45, 32, device=DEVICE)
+    trained, _, _ = reference_layer(layer, x)
+    assert tilemoe.rel_error(layer(x), trained) <= 1e-4
+    layer.eval()
+    plain = tilemoe.reference_moe(x, layer.router_weight, layer.w_gate_up, layer.w_down, 2)
+    with torch.no_grad():
+        assert tilemoe.rel_error(layer(x), plain) <= 1e-4 and tilemoe.rel_error(plain, trained) > 1e-2

@@ -10,7 +10,9 @@ It owns the router weight [E, H] (fp32: logits in fp32, DESIGN.md), the experts'
 
 - Routing it decides itself, so it can count what every expert received (``expert_usage``), add
   the load-balancing loss, round the counts to the tile (``rounding``, SonicMoE's token rounding)
-  and drop past a capacity.
+  and drop past a capacity. Rounding applies in training mode only: it makes a token's experts
+  depend on the rest of the batch, which a served model should not do, so ``eval()`` routes by
+  plain top-k.
 - ``router="sigmoid_bias"``: DeepSeek-V3's router (sigmoid scores, a selection-only bias, group-
   limited top-k, routed scaling). In training mode the bias takes one auxiliary-loss-free balancing
   step per forward (``bias_update_rate``).
@@ -143,7 +145,8 @@ class OptimizedMoELayer(nn.Module):
     def _route(self, tokens: torch.Tensor, *, need_logits: bool) -> tuple[Routing, torch.Tensor | None]:
         """The routing of these tokens and, when the aux loss or rounding needs them, the logits."""
         options = self.router_options()
-        if not (need_logits or self.rounding or self.gradient_checkpointing):
+        rounding = self.rounding if self.training else None
+        if not (need_logits or rounding or self.gradient_checkpointing):
             impl = backends.resolve(self.backend, tokens.device, tokens.dtype, self.hidden_dim, self.ffn_dim,
                                     needs_grad=torch.is_grad_enabled())
             fused = getattr(impl, "FUSED_ROUTING", False)
@@ -154,9 +157,9 @@ class OptimizedMoELayer(nn.Module):
         else:
             logits = router_logits(tokens, self.router_weight)
         routing = route(logits, self.top_k, capacity_factor=self.capacity_factor, **options)
-        if self.rounding:
+        if rounding:
             scores = logits.sigmoid() if self.router == "sigmoid_bias" else logits.softmax(dim=-1)
-            routing = round_routing(scores, routing, self.tile_size, self.rounding, renormalize=self.renormalize,
+            routing = round_routing(scores, routing, self.tile_size, rounding, renormalize=self.renormalize,
                                     routed_scaling=self.routed_scaling).routing
         return routing, logits
 
