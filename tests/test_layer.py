@@ -17,7 +17,8 @@ from tilemoe.layer import OptimizedMoELayer
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_REASON = backends.unavailable_reason("triton", DEVICE, torch.float32, 32, 16)
 PARAMS = ("router_weight", "w_gate_up", "w_down", "shared_gate_up", "shared_down")
-pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
+# On a GPU machine every test here runs on the GPU (the Hugging Face ones on the CPU), so `pytest -m gpu` selects them.
+pytestmark = [pytest.mark.usefixtures("poison_uninitialized_memory"), *([pytest.mark.gpu] if DEVICE.type == "cuda" else [])]
 
 
 def make_layer(**options):

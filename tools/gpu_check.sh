@@ -54,6 +54,8 @@ step examples-03-racecheck compute-sanitizer --tool racecheck --error-exitcode 1
 step bench-io-overlap python3 benchmarks/bench_io_overlap.py --record
 step bench-gemm python3 benchmarks/bench_grouped_gemm.py --record --plot "$out/grouped_gemm.png"
 step triton-tests python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_triton.py tests/test_gpu_backends.py
+step backward-tests python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_triton_backward.py tests/test_layer.py
+step full-moe bash -c 'for c in olmoe-1b-7b qwen3-30b-a3b; do python3 examples/06_full_moe/benchmark.py --config $c --tokens 16384 --backends grouped_mm triton --record || exit 1; done'
 step triton-tune python3 benchmarks/tune_triton.py
 step bench-variants python3 benchmarks/bench_moe_variants.py --preset all --record --plot "$out/moe_variants.png"
 step journey python3 benchmarks/moe_journey.py --preset olmoe-1b-7b --record --plot "$out/moe_journey.png"
