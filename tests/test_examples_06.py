@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LESSON = ROOT / "examples" / "06_full_moe"
 
 
-def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(LESSON / script), *args], cwd=ROOT, capture_output=True, text=True,
-                          encoding="utf-8", timeout=300, env={**os.environ, **(env or {})})
+                          encoding="utf-8", timeout=300)
 
 
 @pytest.mark.parametrize("script", ["full_moe.py", "benchmark.py"])
@@ -32,17 +31,13 @@ def test_full_moe_trains_then_serves_within_the_tolerance():
     assert "PASS" in out and "rel. error" in out
 
 
-def test_full_moe_sigmoid_router_with_a_shared_expert():
-    result = run("full_moe.py", "--preset", "deepseek-v3", "--tokens", "4", "--steps", "1", "--help")
-    assert result.returncode == 0  # the preset is too large for a CPU run: --help only checks the choice
-
-
-def test_benchmark_runs_every_cpu_backend_and_the_triton_interpreter():
-    result = run("benchmark.py", "--tokens", "16", "--backends", "torch", "grouped_mm", "triton",
-                 env={"TRITON_INTERPRET": "1"})
+def test_benchmark_runs_every_cpu_backend_beside_grouped_mm():
+    # The Triton backend under the interpreter takes tens of seconds here; its forward and backward
+    # are checked in tests/test_triton_backward.py and tests/test_layer.py.
+    result = run("benchmark.py", "--tokens", "16", "--backends", "torch", "grouped_mm")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[3:] if line.strip()}
-    assert set(rows) == {"torch", "grouped_mm", "triton"} and rows["grouped_mm"][3] == "1"
+    assert set(rows) == {"torch", "grouped_mm"} and rows["grouped_mm"][3] == "1"
 
 
 def test_a_backend_that_cannot_run_is_a_usage_error():
