@@ -36,8 +36,8 @@ import torch
 import tilemoe
 from tilemoe import bench
 
-# %% [markdown]
-# ## Build the layer for a preset
+# %%
+# Build the layer for a preset.
 # ``from_preset`` copies the model's shape and router (OLMoE's softmax without renormalization,
 # DeepSeek-V3's sigmoid with groups and a shared expert); every training option is a keyword.
 
@@ -54,8 +54,8 @@ def build(args, device, dtype) -> tilemoe.OptimizedMoELayer:
     return layer
 
 
-# %% [markdown]
-# ## Train a few steps
+# %%
+# Train a few steps.
 # The aux loss is added to the task loss; with the sigmoid router the bias also takes one balancing
 # step per forward in training mode. Watch the Gini of each step's loads.
 
@@ -117,8 +117,7 @@ def main(argv=None) -> int:
     usage = layer.expert_usage
     print(f"\nExpert usage over training: Gini {usage.gini:.3f}; slots per expert {usage.counts}")
 
-    # %% [markdown]
-    # ## Serve it
+    # Serve it.
     # eval() stops the bias balancing and the token rounding (a served token's experts must not
     # depend on the rest of its batch); no_grad lets the backend fuse the router with its kernels.
     layer.eval()

@@ -95,7 +95,7 @@ def grouped_gemm_kernel(
     a: [R, K] (or x [T, K] read through gather_ptr when GATHER_A), w: [E, N or 2N, K] at strides
     (stride_we, stride_wn, stride_wk) (the forward's weights have stride_wk = 1; the backward reads
     them transposed), c: [R, N] (or [T*K, N] written through slot_ptr when SCATTER_C).
-    SCALE_ROWS multiplies row r by scale[slot of r] (its routing weight).
+    SCALE_ROWS multiplies row r by scale[slot of r] (its routing weight); SWIGLU_GRAD needs it.
     Programs walk tiles pid, pid + NUM_PROGRAMS, ...: a launch of one program per tile visits
     each once; a persistent launch of a few programs per SM loops (FLATTEN lets the software
     pipeline start the next tile's loads during this tile's epilogue).

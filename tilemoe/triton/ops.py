@@ -156,6 +156,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     return out
 
 
+def slot_weights(routing: Routing) -> torch.Tensor:
+    """[T*K] fp32: each slot's routing weight, as the SCALE_ROWS epilogues read it."""
+    return routing.topk_weights.reshape(-1).to(torch.float32)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands multiply exactly ("ieee", no TF32); 16-bit ones are exact in any precision."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -193,8 +198,7 @@ def moe_experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_do
     grouped_gemm(x, w_gate_up, routing, schedule, up_cfg, n=ffn, gather=routing.sorted_tokens, swiglu=True,
                  pre=pre, out=act)
     rows = x.new_empty(slots, hidden)  # dropped slots' rows stay unwritten: the combine skips them
-    weights = routing.topk_weights.reshape(-1).to(torch.float32)
-    grouped_gemm(act, w_down, routing, schedule, down_cfg, n=hidden, scatter=True, scale=weights, out=rows)
+    grouped_gemm(act, w_down, routing, schedule, down_cfg, n=hidden, scatter=True, scale=slot_weights(routing), out=rows)
     return combine(rows, routing), {"act": act, "pre": pre, "schedule": schedule, "configs": (up_cfg, down_cfg)}
 
 
@@ -226,9 +230,8 @@ def moe_experts_backward(dy: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, r
     d_pre = x.new_empty(slots, 2 * ffn)
     act = x.new_empty(slots, ffn)  # p * A, for the down-projection's weight gradient
     dscale = torch.empty(slots, triton.cdiv(ffn, grad_cfg.block_n), dtype=torch.float32, device=x.device)
-    weights = routing.topk_weights.reshape(-1).to(torch.float32)
     grouped_gemm(dy, w_down.transpose(1, 2), routing, schedule, grad_cfg, n=ffn, gather=routing.sorted_tokens,
-                 scale=weights, swiglu_grad=(pre, act, dscale), out=d_pre)
+                 scale=slot_weights(routing), swiglu_grad=(pre, act, dscale), out=d_pre)
     need_x, need_weights, need_gate_up, need_down = needs
     d_weights = d_gate_up = d_down = dx = None
     if need_weights:  # rows of dropped slots were never computed: their gradient is zero
