@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import site
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +55,9 @@ from typing import Callable
 import torch
 from tabulate import tabulate
 
-# SonicMoE installed with `pip install --target DIR`: TILEMOE_EXTRA_SITE=DIR (its .pth files count).
-if os.environ.get("TILEMOE_EXTRA_SITE"):
-    site.addsitedir(os.environ["TILEMOE_EXTRA_SITE"])
-
-import tilemoe  # noqa: E402
-from tilemoe import backends, bench  # noqa: E402
-from tilemoe.graphs import GraphedMoE  # noqa: E402
+import tilemoe
+from tilemoe import backends, bench
+from tilemoe.graphs import GraphedMoE
 
 LAYER_VARIANTS = ("torch", "grouped_mm", "triton", "cuda", "sonicmoe")
 GRAPHED_VARIANTS = ("grouped_mm graphed", "triton graphed", "cuda graphed")

@@ -27,13 +27,6 @@ from pathlib import Path
 
 import pytest
 
-# Like the lesson script: an extra site directory holding sonic-moe (pip install --target DIR), for
-# the GPU test at the end. Added before anything asks whether sonicmoe imports.
-if os.environ.get("TILEMOE_EXTRA_SITE"):
-    import site
-
-    site.addsitedir(os.environ["TILEMOE_EXTRA_SITE"])
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -41,32 +41,28 @@ It exits with status 1 if any check fails.
 
 from __future__ import annotations
 
-import os
-import site
+import argparse
+import contextlib
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+import pathlib
+from typing import Callable
 
-# An extra site directory for sonicmoe (a `pip install --target DIR` installation): added before
-# anything could import it. site.addsitedir, unlike PYTHONPATH, also reads the directory's .pth files.
-if os.environ.get("TILEMOE_EXTRA_SITE"):
-    site.addsitedir(os.environ["TILEMOE_EXTRA_SITE"])
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-import pathlib  # noqa: E402
-from typing import Callable  # noqa: E402
+import tilemoe
+from tilemoe import bench
+from tilemoe.backends import sonic
+from tilemoe.routing import build_routing
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tabulate import tabulate  # noqa: E402
-
-import tilemoe  # noqa: E402
-from tilemoe import bench  # noqa: E402
-from tilemoe.backends import sonic  # noqa: E402
-from tilemoe.routing import build_routing  # noqa: E402
+# An extra site directory for sonicmoe (a `pip install --target DIR` installation), added before the
+# walk-through imports it: TILEMOE_EXTRA_SITE, read in one place, the sonicmoe backend.
+sonic.add_extra_site()
 
 GRAD_NAMES = ("x", "router_weight", "w_gate_up", "w_down")
 ERROR_COLUMNS = ("y (no grad)", "y", "dx", "d router_weight", "d w_gate_up", "d w_down")

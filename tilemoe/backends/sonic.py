@@ -69,7 +69,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import os
 import platform
+import site
 import sys
 import weakref
 from types import SimpleNamespace
@@ -101,14 +103,28 @@ def _python_reason() -> str | None:
     return None
 
 
+EXTRA_SITE_ENV = "TILEMOE_EXTRA_SITE"
+
+
+def add_extra_site() -> None:
+    """Add ``$TILEMOE_EXTRA_SITE`` (a ``pip install --target DIR`` holding sonic-moe) to sys.path.
+    ``site.addsitedir``, unlike PYTHONPATH, also reads the directory's .pth files, which the CUTLASS
+    DSL needs. Idempotent; call it before anything imports sonicmoe."""
+    extra = os.environ.get(EXTRA_SITE_ENV)
+    if extra and extra not in sys.path:
+        site.addsitedir(extra)
+
+
 def _api() -> SimpleNamespace:
-    """SonicMoE's functions, imported on first use. RuntimeError with the reason when it cannot be:
-    any failure of the import (not installed, a broken install, missing CUDA libraries) becomes that
-    reason, never an exception escaping from tilemoe's import or from ``unavailable_reason``."""
+    """SonicMoE's functions, imported on first use (after ``add_extra_site``). RuntimeError with the
+    reason when it cannot be: any failure of the import (not installed, a broken install, missing CUDA
+    libraries) becomes that reason, never an exception escaping from tilemoe's import or from
+    ``unavailable_reason``."""
     global _api_cache, _import_failure
     if _api_cache is None and _import_failure is None:
         _import_failure = _python_reason()
         if _import_failure is None:
+            add_extra_site()
             try:
                 import sonicmoe
                 from sonicmoe.enums import ActivationType
@@ -144,6 +160,7 @@ def version() -> str:
 
 def versions() -> dict[str, str]:
     """Installed versions of sonic-moe and the packages it runs on (those that are installed)."""
+    add_extra_site()
     found = {}
     for dist in ("sonic-moe", "quack-kernels", "nvidia-cutlass-dsl", "apache-tvm-ffi"):
         try:
