@@ -89,18 +89,22 @@ def test_dropped_slots_by_capacity_and_rounding_get_no_gradient():
 
 
 @needs_triton
-@pytest.mark.parametrize("block_m", [16, 32])
-def test_every_backward_tile_shape_on_ragged_shapes(block_m):
+@pytest.mark.parametrize("block_m,tma", [(16, False), (32, True)])
+def test_every_backward_tile_shape_on_ragged_shapes(block_m, tma):
     # H = 40 and I = 24 are not multiples of the 16-column tiles or of BLOCK_K = 32, and expert 3's
     # 71 rows are not a multiple of BLOCK_R = 16: every mask of the three backward kernels is used.
+    # With tma, the transposed weights are read through 3-D descriptors: past an expert's K rows they
+    # read zeros, not the next expert's rows (0 * inf would be NaN).
     ops_mod, configs = ops()
     num_experts, top_k = 6, 2
     w = make_weights(40, 24, num_experts, device=DEVICE, seed=2)
     x = torch.randn(71, 40, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     dy = torch.randn(71, 40, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     ids = distinct_ids(71, top_k, [0, 2, 3, 5], seed=6, first=3)  # empty experts 1 and 4
+    for name in ("w_gate_up", "w_down"):  # a tile that strays into an empty neighbour's weights reads inf
+        w[name][[1, 4]] = float("inf")
     routing = forced_routing(ids.to(DEVICE), num_experts, seed=1)
-    tile = configs.TileConfig(block_m, 16, 32, group_m=2, num_warps=4, num_stages=2)
+    tile = configs.TileConfig(block_m, 16, 32, group_m=2, num_warps=4, num_stages=2, tma=tma)
     wgrad = configs.WgradConfig(16, 16, 16, num_warps=4, num_stages=2)
     _, saved = ops_mod.moe_experts(x, routing, w["w_gate_up"], w["w_down"], store_pre=True)
     grads = ops_mod.moe_experts_backward(dy, x, saved["pre"], routing, w["w_gate_up"], w["w_down"],

@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     flops = cfg.flops(args.tokens)
     rows = []
     for name in names:
+        print(f"{name}: checking and timing (a first call compiles its kernels)", flush=True)
         layer.backend = name
         row = {"config": cfg.name, "tokens": args.tokens, "backend": name, **measure(layer, x, ref, device)}
         row["forward_tflops"] = bench.tflops(flops, row["forward_ms"])

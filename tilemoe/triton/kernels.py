@@ -88,7 +88,7 @@ def grouped_gemm_kernel(
     GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, SCATTER_C: tl.constexpr,
     SCALE_ROWS: tl.constexpr, SWIGLU_GRAD: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
-    FLATTEN: tl.constexpr, ROWS_FULL: tl.constexpr, EVEN_N: tl.constexpr,
+    FLATTEN: tl.constexpr, ROWS_FULL: tl.constexpr, EVEN_N: tl.constexpr, W_KN: tl.constexpr,
 ):
     """C[rows of expert e] = epilogue(A[rows] @ W[e]^T) over the row blocks of schedule_kernel.
 
@@ -104,6 +104,10 @@ def grouped_gemm_kernel(
     copies whole tiles, zero-filling past the tensor's end) over w viewed as [E*rows, K] / over a.
     A tile may then read rows of the next expert, or columns past N: they only feed outputs that
     are never stored, so no mask is needed.
+    W_KN: w is the transpose of a contiguous [E, K, N] (the backward's weights: stride_wn = 1). The
+    pointer loads then run along N, and with W_TMA the descriptor is 3-D over [E, K, N]: a tile
+    past an expert's K rows must read zeros, not the next expert's rows (they would meet A's
+    zero-filled columns, but 0 * inf is NaN).
 
     ROWS_FULL: every expert's row count is a multiple of BLOCK_M (a routing rounded to the tile),
     so every row block is full; with EVEN_N (N a multiple of BLOCK_N) too, the stores need no mask.
@@ -136,12 +140,17 @@ def grouped_gemm_kernel(
         else:
             a_rows = rows_in.to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols_in = tl.minimum(cols, N - 1).to(tl.int64)
+        if EVEN_N:
+            cols_in = cols.to(tl.int64)  # unclamped, so the compiler sees contiguous columns (W_KN)
+        else:
+            cols_in = tl.minimum(cols, N - 1).to(tl.int64)
         ks = tl.arange(0, BLOCK_K)
 
         if not A_TMA:
             a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
-        if W_TMA:
+        if W_TMA and W_KN:
+            w_expert = expert.to(tl.int32)
+        elif W_TMA:
             w_row = (expert * (stride_we // stride_wn) + pid_n * BLOCK_N).to(tl.int32)  # first row in w as [E*rows, K]
         else:
             w_ptrs = w_ptr + expert * stride_we + cols_in[None, :] * stride_wn + ks[:, None] * stride_wk  # W^T tile [BK, BN]
@@ -158,7 +167,9 @@ def grouped_gemm_kernel(
                 a = tl.load(a_ptrs)
             else:
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            if W_TMA:
+            if W_TMA and W_KN:
+                w = w_ptr.load([w_expert, k * BLOCK_K, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+            elif W_TMA:
                 w = w_ptr.load([w_row, k * BLOCK_K]).T
             elif EVEN_K:
                 w = tl.load(w_ptrs)

@@ -116,7 +116,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
                  out: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = epilogue(a[rows] @ w[e, :n]^T) for every expert (grouped_gemm_kernel's flags).
 
-    w [E, N, K] may be a transposed view (the backward's): TMA then loads neither operand.
+    w [E, N, K] may be the transposed view of a contiguous [E, K, N] (the backward's): its TMA
+    descriptor is then 3-D over that tensor (``W_KN``); SwiGLU's paired gate/up rows need [E, 2N, K].
     scatter: write row r to its slot's row (``routing.sorted_slots``); scale: [T*K] fp32, each row
     multiplied by its slot's entry; swiglu_grad: (pre, act, dscale), the backward epilogue's saved
     pre-activation (read) and its two extra outputs. The caller has checked shapes, dtypes and
@@ -127,10 +128,20 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     max_tiles = schedule.max_blocks * tiles_n
     programs = min(max_tiles, 2 * num_sms(a.device)) if config.persistent else max_tiles
     dummy = schedule.row  # stands in for unused pointers (never read)
-    w_tma = config.tma and configs.tma_on() and tma_allowed(w)
+    w_kn = w.stride(1) == 1 and w.stride(2) != 1
+    if w_kn and swiglu:
+        raise ValueError("w: the SwiGLU up-projection reads [E, 2N, K] weights with K contiguous; got a "
+                         f"transposed view of strides {tuple(w.stride())}")
+    w_stored = w.transpose(1, 2) if w_kn else w  # the contiguous tensor behind w
+    w_tma = config.tma and configs.tma_on() and tma_allowed(w_stored)
     a_tma = w_tma and gather is None and tma_allowed(a)
     a_arg = TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]) if a_tma else a
-    w_arg = TensorDescriptor.from_tensor(w.view(-1, k), [config.block_n, config.block_k]) if w_tma else w
+    if not w_tma:
+        w_arg = w
+    elif w_kn:
+        w_arg = TensorDescriptor.from_tensor(w_stored, [1, config.block_k, config.block_n])
+    else:
+        w_arg = TensorDescriptor.from_tensor(w.view(-1, k), [config.block_n, config.block_k])
     if swiglu_grad is not None:
         pre, act, dscale = swiglu_grad
     else:
@@ -150,7 +161,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
         SCALE_ROWS=scale is not None, SWIGLU_GRAD=swiglu_grad is not None,
         EVEN_K=k % config.block_k == 0, DOT_PRECISION=dot_precision(a.dtype),
         A_TMA=a_tma, W_TMA=w_tma, FLATTEN=config.persistent and not interpreted(),
-        ROWS_FULL=routing.row_multiple % config.block_m == 0, EVEN_N=n % config.block_n == 0,
+        ROWS_FULL=routing.row_multiple % config.block_m == 0, EVEN_N=n % config.block_n == 0, W_KN=w_kn,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
