@@ -160,6 +160,13 @@ def test_backward_tile_configs_must_share_one_block_m():
                                      tile_configs=(a, b, configs.WgradConfig()))
 
 
+@pytest.mark.parametrize("rows_per_expert", [1, 16, 17, 64, 65, 4096])
+def test_backward_rule_gives_both_gemms_one_block_m(rows_per_expert):
+    _, configs = ops()
+    grad, dx, _ = configs.backward_rule(rows_per_expert)
+    assert grad.block_m == dx.block_m
+
+
 # -- GPU only -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("preset", ["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b"])

@@ -216,17 +216,21 @@ def grouped_gemm_kernel(
             pre = pre_ptr + rows64[:, None] * stride_pm + cols[None, :]
             gate = tl.load(pre, mask=store_ok, other=0.0).to(tl.float32)
             up = tl.load(pre + N, mask=store_ok, other=0.0).to(tl.float32)
+            # Each full-tile temporary costs BLOCK_M * BLOCK_N / (32 * num_warps) registers a thread:
+            # the order below lets each die soon after its last use, and the backward's tiles are
+            # narrower than the forward's (configs.backward_rule), or the registers spill.
             sig = tl.sigmoid(gate)
             silu_gate = gate * sig
             act = silu_gate * up  # zero in masked columns: they add nothing to dp
             tl.store(dscale_ptr + rows64 * num_pid_n + pid_n, tl.sum(acc * act, axis=1), mask=row_ok)
             tl.store(act_ptr + rows64[:, None] * stride_actm + cols[None, :],
                      (act * scale).to(act_ptr.dtype.element_ty), mask=store_ok)
-            d_act = acc * scale
+            acc = acc * scale  # dA
             c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
-            tl.store(c_ptrs, (d_act * up * sig * (1.0 + gate * (1.0 - sig))).to(c_ptr.dtype.element_ty),
+            tl.store(c_ptrs + N, (acc * silu_gate).to(c_ptr.dtype.element_ty), mask=store_ok)
+            # silu'(gate) = sig * (1 + gate * (1 - sig)) = sig + silu_gate * (1 - sig)
+            tl.store(c_ptrs, (acc * up * (sig + silu_gate * (1.0 - sig))).to(c_ptr.dtype.element_ty),
                      mask=store_ok)
-            tl.store(c_ptrs + N, (d_act * silu_gate).to(c_ptr.dtype.element_ty), mask=store_ok)
         else:
             if SCALE_ROWS:
                 acc = acc * scale
