@@ -16,23 +16,37 @@ What it prints: one row per backend that runs here (grouped_mm, triton, cuda, so
 installed, torch on a CPU): the forward's error against the reference, forward ms, forward +
 backward ms, both as TFLOP/s (6*T*K*H*I and 18*T*K*H*I), the speedups over grouped_mm, and the
 peak memory a training step adds beyond the weights and their gradients (GPU only), also as a
-ratio to grouped_mm's. ``--record`` writes the rows to benchmarks/results/<gpu>/full_moe-*.json.
+ratio to grouped_mm's. When SonicMoE runs, every row's times are also divided into SonicMoE's.
+``--record`` writes the rows to benchmarks/results/<gpu>/full_moe-*.json (with SonicMoE's versions
+when it ran); ``--table FILE ...`` prints the README's "Measured results" from such files::
+
+    python examples/06_full_moe/benchmark.py --table benchmarks/results/nvidia-h200/full_moe-*.json
+
 It exits with status 1 if a backend's output is outside the tolerance.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
 import tilemoe
 from tilemoe import backends, bench
+from tilemoe.backends import sonic
 
 BASELINE = "grouped_mm"
 
+
+# %%
+# One backend, measured
+# ---------------------
+# The same layer object runs every backend (only ``layer.backend`` changes), so the weights, the
+# tokens and the routing options are identical; the forward is checked before anything is timed.
 
 def measure(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, ref: torch.Tensor, device) -> dict:
     """One backend: its error, forward and forward+backward times, a training step's peak memory."""
@@ -53,14 +67,74 @@ def measure(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, ref: torch.Tensor
     return {"rel_error": err, "forward_ms": forward_ms, "fwd_bwd_ms": train_ms, "train_peak_bytes": peak}
 
 
+# %%
+# Ratios, measured in one run
+# ---------------------------
+# Every ratio divides two times (or peaks) from the same run: the baseline's over the backend's for
+# speed, the backend's over the baseline's for memory. SonicMoE, when it ran, is the second yardstick:
+# "x SonicMoE" is SonicMoE's time over the backend's (above 1: faster than SonicMoE).
+
+HEADERS = ["backend", "rel. error", "fwd ms", f"fwd x {BASELINE}", "fwd x SonicMoE", "fwd+bwd ms",
+           f"fwd+bwd x {BASELINE}", "fwd+bwd x SonicMoE", "fwd+bwd TFLOP/s", "train peak GB", "peak / base"]
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Add each row's speedups over the baseline and SonicMoE, and its peak memory over the baseline's."""
+    by_name = {r["backend"]: r for r in rows}
+    base, sonic_row = by_name.get(BASELINE), by_name.get(sonic.NAME)
+    for r in rows:
+        for key in ("forward", "fwd_bwd"):
+            ms = r[f"{key}_ms"]
+            r[f"{key}_speedup"] = base[f"{key}_ms"] / ms if base else None
+            r[f"{key}_vs_sonicmoe"] = sonic_row[f"{key}_ms"] / ms if sonic_row else None
+        peak, base_peak = r["train_peak_bytes"], base and base["train_peak_bytes"]
+        r["train_peak_ratio"] = peak / base_peak if peak is not None and base_peak else None
+
+
+def table_cells(rows: list[dict]) -> list[list[str]]:
+    def cell(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    return [[r["backend"], f"{r['rel_error']:.2e}", f"{r['forward_ms']:.3f}", cell(r["forward_speedup"], ".2f"),
+             cell(r["forward_vs_sonicmoe"], ".2f"), f"{r['fwd_bwd_ms']:.3f}", cell(r["fwd_bwd_speedup"], ".2f"),
+             cell(r["fwd_bwd_vs_sonicmoe"], ".2f"), f"{r['fwd_bwd_tflops']:.1f}",
+             cell(r["train_peak_bytes"] and r["train_peak_bytes"] / 1e9, ".3f"), cell(r["train_peak_ratio"], ".2f")]
+            for r in rows]
+
+
+def table_markdown(files: list) -> str:
+    """The README's "Measured results": per recorded run, its provenance and one row per backend."""
+    parts = []
+    for path in map(Path, files):
+        run = json.loads(path.read_text())
+        rows = run["rows"]
+        add_ratios(rows)
+        first = rows[0]
+        link = bench.link_from(Path(__file__).parent, path)
+        sonic_versions = ", ".join(f"{k} {v}" for k, v in (run.get("sonicmoe") or {}).items())
+        parts.append(f"**{first['config']}**, {first['tokens']} tokens: {run['gpu'] or run['device']}, torch "
+                     f"{run['torch']}, triton {run['triton']}{', ' + sonic_versions if sonic_versions else ''}; "
+                     f"commit {run['commit'][:7]}, `{run['command']}`, {run['date'][:10]}; [{path.name}]({link})")
+        lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in table_cells(rows)]
+        parts.append("\n".join(lines))
+    return bench.generated_block("examples/06_full_moe/benchmark.py", files, "\n\n".join(parts))
+
+
+# %%
+# Run it
+# ------
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--config", default="small", choices=sorted(tilemoe.PRESETS), help="model shape (default: small)")
     parser.add_argument("--tokens", type=int, default=256, help="tokens (default: 256)")
     parser.add_argument("--backends", nargs="+", default=None, choices=list(backends.BACKENDS),
                         help="backends to run (default: every one that runs here)")
-    parser.add_argument("--record", action="store_true", help="write the rows to benchmarks/results/<device>/")
+    bench.add_output_options(parser)
     args = parser.parse_args(argv)
+    if args.table:
+        return bench.print_tables(parser, table_markdown, args.table)
     if args.tokens < 1:
         parser.error(f"--tokens: expected an int >= 1, got {args.tokens}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,28 +163,15 @@ def main(argv=None) -> int:
         row["forward_tflops"] = bench.tflops(flops, row["forward_ms"])
         row["fwd_bwd_tflops"] = bench.tflops(3 * flops, row["fwd_bwd_ms"])
         rows.append(row)
-    base = next((r for r in rows if r["backend"] == BASELINE), None)
-    for r in rows:
-        r["forward_speedup"] = base["forward_ms"] / r["forward_ms"] if base else None
-        r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"] if base else None
-        peak, base_peak = r["train_peak_bytes"], base and base["train_peak_bytes"]
-        r["train_peak_ratio"] = peak / base_peak if peak is not None and base_peak else None
-
-    def cell(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
+    add_ratios(rows)
     print(f"{cfg.name}, T={args.tokens}, {dtype}, {bench.device_name(device)}; speedups over {BASELINE} in this run")
-    print(tabulate([[r["backend"], f"{r['rel_error']:.2e}", f"{r['forward_ms']:.3f}", cell(r["forward_speedup"], ".2f"),
-                     f"{r['fwd_bwd_ms']:.3f}", cell(r["fwd_bwd_speedup"], ".2f"), f"{r['fwd_bwd_tflops']:.1f}",
-                     cell(r["train_peak_bytes"] and r["train_peak_bytes"] / 1e9, ".3f"), cell(r["train_peak_ratio"], ".2f")]
-                    for r in rows],
-                   ["backend", "rel. error", "fwd ms", "fwd x", "fwd+bwd ms", "fwd+bwd x", "fwd+bwd TFLOP/s",
-                    "train peak GB", "peak / base"]))
+    print(tabulate(table_cells(rows), HEADERS))
     failed = [r["backend"] for r in rows if not r["rel_error"] <= tilemoe.TOLERANCE[dtype]]
     if failed:
         print(f"FAIL: outside the {dtype} tolerance {tilemoe.TOLERANCE[dtype]:g}: {failed}")
     if args.record:
-        print(f"recorded: {bench.record('full_moe', rows, device)}")
+        extra = {"sonicmoe": sonic.versions()} if sonic.NAME in names else {}
+        print(f"recorded: {bench.record('full_moe', rows, device, extra=extra)}")
     return 1 if failed else 0
 
 
