@@ -200,3 +200,31 @@ def test_backward_has_no_host_sync():
         ops_mod.moe_experts_backward(x, x, saved["pre"], routing, w["w_gate_up"], w["w_down"])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_backward_peak_memory_follows_the_buffer_order():
+    # What the backward allocates at its peak: never more than the largest of its three stages
+    # (dX: d_pre, p*A and the [T*K, H] rows; dW_gate_up: d_pre, p*A and dW_gate_up; dW_down: p*A and
+    # both weight gradients). Holding every buffer to the end would add dW_down and the rows
+    # (384 MiB here, against a slack under 60).
+    cfg = tilemoe.get_preset("olmoe-1b-7b")
+    w = cfg.init_weights(device="cuda", dtype=torch.bfloat16, shared=False)
+    x = torch.randn(4096, cfg.hidden, device="cuda").bfloat16()
+    routing = tilemoe.route(tilemoe.router_logits(x, w["router_weight"]), cfg.top_k, **cfg.router_options())
+    ops_mod, _ = ops()
+    _, saved = ops_mod.moe_experts(x, routing, w["w_gate_up"], w["w_down"], store_pre=True)
+    ops_mod.moe_experts_backward(x, x, saved["pre"], routing, w["w_gate_up"], w["w_down"])  # compile first
+    torch.cuda.synchronize()
+    slots, two = 4096 * cfg.top_k, 2  # bf16 bytes
+    d_pre, act, rows = slots * 2 * cfg.ffn * two, slots * cfg.ffn * two, slots * cfg.hidden * two
+    d_gate_up, d_down = w["w_gate_up"].numel() * two, w["w_down"].numel() * two
+    stages = max(d_pre + act + rows, d_pre + act + d_gate_up, act + d_gate_up + d_down)
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads = ops_mod.moe_experts_backward(x, x, saved["pre"], routing, w["w_gate_up"], w["w_down"])
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= 1.05 * stages + 16 * 2**20, f"peak {peak / 2**20:.0f} MiB, stages {stages / 2**20:.0f} MiB"
+    del grads

@@ -248,15 +248,20 @@ def moe_experts_backward(dy: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, r
     if need_weights:  # rows of dropped slots were never computed: their gradient is zero
         dp = dscale.sum(dim=1)[routing.slot_position].view(num_tokens, top_k)
         d_weights = torch.where(routing.dropped, 0.0, dp).to(routing.topk_weights.dtype)
-    if need_down:
-        d_down = weight_gradient(dy, act, routing, wgrad_cfg, a_gather=routing.sorted_tokens, dtype=w_down.dtype)
-    if need_gate_up:
-        d_gate_up = weight_gradient(d_pre, x, routing, wgrad_cfg, b_gather=routing.sorted_tokens,
-                                    dtype=w_gate_up.dtype)
+    # The order keeps the peak low: the [T*K, H] rows of dX live and die first, each [T*K, ...]
+    # buffer is freed after its last reader, and the weight gradients (returned, so alive to the
+    # end) are allocated last, the larger one while only d_pre and p * A are still held.
     if need_x:
         rows = x.new_empty(slots, hidden)
         grouped_gemm(d_pre, w_gate_up.transpose(1, 2), routing, schedule, dx_cfg, n=hidden, scatter=True, out=rows)
         dx = combine(rows, routing)
+        del rows
+    if need_gate_up:
+        d_gate_up = weight_gradient(d_pre, x, routing, wgrad_cfg, b_gather=routing.sorted_tokens,
+                                    dtype=w_gate_up.dtype)
+    del d_pre
+    if need_down:
+        d_down = weight_gradient(dy, act, routing, wgrad_cfg, a_gather=routing.sorted_tokens, dtype=w_down.dtype)
     return dx, d_weights, d_gate_up, d_down
 
 
