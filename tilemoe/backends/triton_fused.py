@@ -9,7 +9,7 @@ SonicMoE's: the forward saves only x, the pre-activation [gate | up] and the rou
 backward recomputes the activation in its first GEMM's epilogue and returns gradients for x, the
 routing weights (so the router, through PyTorch's autograd of the routing) and both weight tensors.
 ``backend="auto"`` trains with it (FAST_BACKWARD): on the H200, forward + backward at 16384 tokens
-is 1.10x (OLMoE) and 1.16x (Qwen3) the grouped_mm path's speed, with 0.82x and 0.93x its training
+is 1.11x (OLMoE) and 1.17x (Qwen3) the grouped_mm path's speed, with 0.73x and 0.78x its training
 peak memory (examples/06_full_moe/README.md, recorded in benchmarks/results/nvidia-h200/full_moe-*).
 
 Runs on NVIDIA GPUs in bfloat16, float16 or float32 (float32 without TF32: exact fp32 products),
