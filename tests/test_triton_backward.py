@@ -184,9 +184,9 @@ def test_backward_at_real_shapes_bf16(preset, tokens):
     assert_close(ours, ref, torch.bfloat16, routing)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-def test_backward_has_no_host_sync():
+def olmoe_backward_case():
+    """OLMoE's shapes at 4096 tokens, forward run and the backward compiled: (cfg, w, x, routing,
+    ops module, the forward's saved tensors)."""
     cfg = tilemoe.get_preset("olmoe-1b-7b")
     w = cfg.init_weights(device="cuda", dtype=torch.bfloat16, shared=False)
     x = torch.randn(4096, cfg.hidden, device="cuda").bfloat16()
@@ -195,6 +195,13 @@ def test_backward_has_no_host_sync():
     _, saved = ops_mod.moe_experts(x, routing, w["w_gate_up"], w["w_down"], store_pre=True)
     ops_mod.moe_experts_backward(x, x, saved["pre"], routing, w["w_gate_up"], w["w_down"])  # compile first
     torch.cuda.synchronize()
+    return cfg, w, x, routing, ops_mod, saved
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_backward_has_no_host_sync():
+    cfg, w, x, routing, ops_mod, saved = olmoe_backward_case()
     torch.cuda.set_sync_debug_mode("error")
     try:
         ops_mod.moe_experts_backward(x, x, saved["pre"], routing, w["w_gate_up"], w["w_down"])
@@ -209,14 +216,7 @@ def test_backward_peak_memory_follows_the_buffer_order():
     # (dX: d_pre, p*A and the [T*K, H] rows; dW_gate_up: d_pre, p*A and dW_gate_up; dW_down: p*A and
     # both weight gradients). Holding every buffer to the end would add dW_down and the rows
     # (384 MiB here, against a slack under 60).
-    cfg = tilemoe.get_preset("olmoe-1b-7b")
-    w = cfg.init_weights(device="cuda", dtype=torch.bfloat16, shared=False)
-    x = torch.randn(4096, cfg.hidden, device="cuda").bfloat16()
-    routing = tilemoe.route(tilemoe.router_logits(x, w["router_weight"]), cfg.top_k, **cfg.router_options())
-    ops_mod, _ = ops()
-    _, saved = ops_mod.moe_experts(x, routing, w["w_gate_up"], w["w_down"], store_pre=True)
-    ops_mod.moe_experts_backward(x, x, saved["pre"], routing, w["w_gate_up"], w["w_down"])  # compile first
-    torch.cuda.synchronize()
+    cfg, w, x, routing, ops_mod, saved = olmoe_backward_case()
     slots, two = 4096 * cfg.top_k, 2  # bf16 bytes
     d_pre, act, rows = slots * 2 * cfg.ffn * two, slots * cfg.ffn * two, slots * cfg.hidden * two
     d_gate_up, d_down = w["w_gate_up"].numel() * two, w["w_down"].numel() * two
