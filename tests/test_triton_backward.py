@@ -160,6 +160,19 @@ def test_backward_tile_configs_must_share_one_block_m():
                                      tile_configs=(a, b, configs.WgradConfig()))
 
 
+@needs_triton
+def test_swiglu_up_projection_refuses_transposed_weights():
+    ops_mod, configs = ops()
+    w = make_weights(32, 16, 4, device=DEVICE, seed=7)
+    x = torch.randn(5, 32, device=DEVICE)
+    routing = forced_routing(distinct_ids(5, 2, [0, 1], seed=2).to(DEVICE), 4)
+    tile = configs.TileConfig(16, 16, 32)
+    transposed = w["w_gate_up"].transpose(1, 2).contiguous().transpose(1, 2)  # [E, 2I, H], 2I contiguous
+    with pytest.raises(ValueError, match=r"w: expected \[E, 2N, K\] weights with K contiguous .* got a transposed view"):
+        ops_mod.grouped_gemm(x, transposed, routing, ops_mod.Schedule(routing, 16), tile, n=16,
+                             gather=routing.sorted_tokens, swiglu=True, out=x.new_empty(10, 16))
+
+
 @pytest.mark.parametrize("rows_per_expert", [1, 16, 17, 64, 65, 4096])
 def test_backward_rule_gives_both_gemms_one_block_m(rows_per_expert):
     _, configs = ops()

@@ -24,8 +24,8 @@ It owns the router weight [E, H] (fp32: logits in fp32, DESIGN.md), the experts'
   (``tilemoe.hf``), converted once.
 
 Training: ``backend="auto"`` picks the fastest backend with its own backward (on a GPU the Triton
-backward: it saves only x and the pre-activation, and is measured faster than grouped_mm's); keep ``load_balance_weight`` around 0.01, or the bias balancing of
-"sigmoid_bias". Inference: ``layer.eval()`` and ``torch.no_grad()``; without an aux loss or
+backward: it saves only x and the pre-activation, and is measured faster than grouped_mm's);
+keep ``load_balance_weight`` around 0.01, or the bias balancing of "sigmoid_bias". Inference: ``layer.eval()`` and ``torch.no_grad()``; without an aux loss or
 rounding the router runs fused with the backend's kernels; for decode batches wrap the weights in
 ``tilemoe.graphs.GraphedMoE``.
 """

@@ -87,10 +87,12 @@ def backward_rule(rows_per_expert: float) -> tuple[TileConfig, TileConfig, Wgrad
     """The backward's configurations (dY GEMM, dX GEMM, weight gradients). The two GEMMs share one
     schedule, so one BLOCK_M; below prefill sizes both take the down-projection's rule.
 
-    At prefill (measured on an H200 at 16384 tokens, OLMoE and Qwen3 shapes): the dY GEMM's
-    SwiGLU-gradient epilogue holds five fp32 tiles, so its tile is 64 columns wide (128 spills
-    registers, 256 runs 3x slower); the dX GEMM has a plain epilogue and takes the forward
-    down-projection's wide 128 x 256 tile, persistent, its transposed weights loaded by TMA.
+    At prefill (picked in a sweep on an H200 at 16384 tokens, OLMoE and Qwen3 shapes; the sweep was
+    not recorded, the layer it gives is in examples/06_full_moe/README.md): the dY GEMM's
+    SwiGLU-gradient epilogue holds five fp32 tiles, 64 registers a thread each at 128 x 128 and 8
+    warps, past the 255 a thread can have, so its tile is 64 columns wide; the dX GEMM has a plain
+    epilogue and takes the forward down-projection's wide 128 x 256 tile, persistent, its
+    transposed weights loaded by TMA.
     """
     grad = rule("down", rows_per_expert)
     if rows_per_expert <= 64:

@@ -27,6 +27,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .. import checks
 from ..routing import Routing
 from . import configs
 from .kernels import combine_kernel, grouped_gemm_kernel, grouped_wgrad_kernel, schedule_kernel, swiglu_kernel
@@ -130,8 +131,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     dummy = schedule.row  # stands in for unused pointers (never read)
     w_kn = w.stride(1) == 1 and w.stride(2) != 1
     if w_kn and swiglu:
-        raise ValueError("w: the SwiGLU up-projection reads [E, 2N, K] weights with K contiguous; got a "
-                         f"transposed view of strides {tuple(w.stride())}")
+        checks.fail("w", "[E, 2N, K] weights with K contiguous for the SwiGLU up-projection",
+                    f"a transposed view of strides {tuple(w.stride())}")
     w_stored = w.transpose(1, 2) if w_kn else w  # the contiguous tensor behind w
     w_tma = config.tma and configs.tma_on() and tma_allowed(w_stored)
     a_tma = w_tma and gather is None and tma_allowed(a)
