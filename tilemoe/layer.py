@@ -16,15 +16,17 @@ It owns the router weight [E, H] (fp32: logits in fp32, DESIGN.md), the experts'
 - ``router="sigmoid_bias"``: DeepSeek-V3's router (sigmoid scores, a selection-only bias, group-
   limited top-k, routed scaling). In training mode the bias takes one auxiliary-loss-free balancing
   step per forward (``bias_update_rate``).
-- ``gradient_checkpointing``: the router's logits are recomputed in the backward instead of kept
-  (with them the fp32 copy of x the logits GEMM holds).
+- ``gradient_checkpointing``: the router's logits GEMM is run again in the backward instead of
+  keeping anything for it. ``router_logits`` already keeps only x in its own dtype (not an fp32
+  copy), so this saves little now; it is there for models that checkpoint every module.
 - ``use_io_overlap=False``: the Triton kernels load without TMA descriptors (lesson 3's
   comparison); the default lets them use TMA where the GPU has it.
 - ``load_hf_state_dict``: a Hugging Face Mixtral, Qwen3-MoE, OLMoE or DeepSeek-V3 block's weights
   (``tilemoe.hf``), converted once.
 
 Training: ``backend="auto"`` picks the fastest backend with its own backward (on a GPU the Triton
-backward: it saves only x and the pre-activation, and is measured faster than grouped_mm's);
+backward: it saves only x and the pre-activation, and is measured faster than grouped_mm's; one
+backward per forward, as it reuses the pre-activation's memory);
 keep ``load_balance_weight`` around 0.01, or the bias balancing of "sigmoid_bias". Inference: ``layer.eval()`` and ``torch.no_grad()``; without an aux loss or
 rounding the router runs fused with the backend's kernels; for decode batches wrap the weights in
 ``tilemoe.graphs.GraphedMoE``.

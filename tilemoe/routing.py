@@ -26,10 +26,34 @@ def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     """x [T, H] @ router_weight[E, H]^T in fp32 (fp64 when x is fp64), whatever x's dtype.
 
     The router decides which expert each token meets, so it is computed in full precision:
-    bf16 logits would flip near-tied top-k choices.
+    bf16 logits would flip near-tied top-k choices. For autograd it keeps x as it came, not its
+    full-precision copy (``_RouterLogits``).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.to(dtype) @ router_weight.to(dtype).t()
+    return _RouterLogits.apply(x, router_weight, dtype)
+
+
+class _RouterLogits(torch.autograd.Function):
+    """x.to(dtype) @ w.to(dtype)^T, saving x and w in their own dtypes. PyTorch's autograd of that
+    expression would save the fp32 copy of a bf16 x until the backward: 134 MB at 16384 tokens of
+    H = 2048, held through the whole training step. Here the backward makes the copy again, for
+    the moment its product needs it."""
+
+    @staticmethod
+    def forward(ctx, x, w, dtype):
+        ctx.save_for_backward(x, w)
+        ctx.dtype = dtype
+        return x.to(dtype) @ w.to(dtype).t()
+
+    @staticmethod
+    def backward(ctx, d_logits):
+        x, w = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = (d_logits @ w.to(ctx.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (d_logits.reshape(-1, w.shape[0]).t() @ x.reshape(-1, w.shape[1]).to(ctx.dtype)).to(w.dtype)
+        return dx, dw, None
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,9 +14,9 @@ Run it::
 
 What it prints: one row per backend that runs here (grouped_mm, triton, cuda, sonicmoe when
 installed, torch on a CPU): the forward's error against the reference, forward ms, forward +
-backward ms, both as TFLOP/s (6*T*K*H*I and 18*T*K*H*I), the speedups over grouped_mm, and the
-peak memory a training step adds beyond the weights and their gradients (GPU only), also as a
-ratio to grouped_mm's. When SonicMoE runs, every row's times are also divided into SonicMoE's.
+backward ms (the gradients of x, the router and both expert weights, as inside a model), both as
+TFLOP/s (6*T*K*H*I and 18*T*K*H*I), the speedups over grouped_mm, and the peak memory a training
+step adds beyond x, the weights and their gradients (GPU only), also as a ratio to grouped_mm's. When SonicMoE runs, every row's times are also divided into SonicMoE's.
 ``--record`` writes the rows to benchmarks/results/<gpu>/full_moe-*.json (with SonicMoE's versions
 when it ran); ``--table FILE ...`` prints the README's "Measured results" from such files::
 
@@ -55,7 +55,7 @@ def measure(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, ref: torch.Tensor
         err = tilemoe.rel_error(layer(x), ref)
         forward_ms = bench.time_ms(lambda: layer(x), device=device)
     layer.train()
-    for p in layer.parameters():
+    for p in (*layer.parameters(), x):
         p.grad = torch.zeros_like(p)  # held before the step is measured, as an optimizer holds them
 
     def step():
@@ -112,9 +112,11 @@ def table_markdown(files: list) -> str:
         first = rows[0]
         link = bench.link_from(Path(__file__).parent, path)
         sonic_versions = ", ".join(f"{k} {v}" for k, v in (run.get("sonicmoe") or {}).items())
+        backward = "the backward computes dX" if run.get("x_grad") else "x wanted no gradient (no dX; recorded before it did)"
         parts.append(f"**{first['config']}**, {first['tokens']} tokens: {run['gpu'] or run['device']}, torch "
                      f"{run['torch']}, triton {run['triton']}{', ' + sonic_versions if sonic_versions else ''}; "
-                     f"commit {run['commit'][:7]}, `{run['command']}`, {run['date'][:10]}; [{path.name}]({link})")
+                     f"commit {run['commit'][:7]}, `{run['command']}`, {run['date'][:10]}; {backward}; "
+                     f"[{path.name}]({link})")
         lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
         lines += ["| " + " | ".join(cells) + " |" for cells in table_cells(rows)]
         parts.append("\n".join(lines))
@@ -149,7 +151,8 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     layer = tilemoe.OptimizedMoELayer.from_preset(cfg, device=device, dtype=dtype)
-    x = torch.randn(args.tokens, cfg.hidden, device=device).to(dtype)
+    # x wants its gradient, as the output of the layer below would in a model: the backward computes dX.
+    x = torch.randn(args.tokens, cfg.hidden, device=device).to(dtype).requires_grad_()
     with torch.no_grad():
         weights = {n: getattr(layer, n).float() for n in ("router_weight", "w_gate_up", "w_down", "shared_gate_up",
                                                            "shared_down") if getattr(layer, n) is not None}
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
     if failed:
         print(f"FAIL: outside the {dtype} tolerance {tilemoe.TOLERANCE[dtype]:g}: {failed}")
     if args.record:
-        extra = {"sonicmoe": sonic.versions()} if sonic.NAME in names else {}
+        extra = {"x_grad": True, **({"sonicmoe": sonic.versions()} if sonic.NAME in names else {})}
         print(f"recorded: {bench.record('full_moe', rows, device, extra=extra)}")
     return 1 if failed else 0
 

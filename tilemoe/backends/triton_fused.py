@@ -4,10 +4,12 @@ The gather of x's rows is fused into the up-projection's loads, SwiGLU into its 
 routing weights into the down-projection's epilogue, and the combine is one sum over each token's
 K rows. Four kernel launches after routing (schedule, two GEMMs, combine); no host synchronization.
 
-Gradients: the backward runs in Triton too (``ops.moe_experts_backward``), memory-lean like
-SonicMoE's: the forward saves only x, the pre-activation [gate | up] and the routing metadata; the
-backward recomputes the activation in its first GEMM's epilogue and returns gradients for x, the
-routing weights (so the router, through PyTorch's autograd of the routing) and both weight tensors.
+Gradients: the backward runs in Triton too (``ops.backward_down`` and ``ops.backward_up``, one
+autograd node each), memory-lean like SonicMoE's: the forward saves only x, the pre-activation
+[gate | up] and the routing metadata; the backward recomputes the activation after its first GEMM
+and returns gradients for x, the routing weights (so the router, through PyTorch's autograd of
+the routing) and both weight tensors. One backward per forward: it reuses the saved
+pre-activation's memory (``retain_graph=True`` and a second backward raise a RuntimeError).
 ``backend="auto"`` trains with it (FAST_BACKWARD): on the H200, forward + backward at 16384 tokens
 is 1.11x (OLMoE) and 1.17x (Qwen3) the grouped_mm path's speed, with 0.73x and 0.78x its training
 peak memory (examples/06_full_moe/README.md, recorded in benchmarks/results/nvidia-h200/full_moe-*).
@@ -65,22 +67,59 @@ def check_inputs(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_d
                     f"T = {routing.num_tokens}, E = {routing.num_experts}")
 
 
-class _TritonExperts(torch.autograd.Function):
-    """The experts, forward and backward in Triton. Saved for the backward: x, the pre-activation
-    [T*K, 2I] and the routing (the weights are the caller's); the activation is recomputed."""
+class _UpProjection(torch.autograd.Function):
+    """x -> (pre, A): the up-projection, SwiGLU fused. Saves x (the weights are the caller's).
+
+    The experts are two autograd nodes, not one, so that autograd adds w_down's gradient into
+    .grad (and frees it) before the up-projection's backward allocates w_gate_up's: the step never
+    holds both fresh weight gradients. A is not differentiable here: the down node recomputes it
+    from pre, and its gradient arrives as pre's."""
 
     @staticmethod
-    def forward(ctx, x, topk_weights, w_gate_up, w_down, routing):
-        y, saved = ops().moe_experts(x, routing, w_gate_up, w_down, store_pre=True)
-        ctx.save_for_backward(x, w_gate_up, w_down, saved["pre"])
+    def forward(ctx, x, w_gate_up, routing, schedule, config):
+        act, pre = ops().up_projection(x, routing, w_gate_up, schedule, config, store_pre=True)
+        ctx.save_for_backward(x, w_gate_up)
+        ctx.routing = routing
+        ctx.mark_non_differentiable(act)
+        ctx.set_materialize_grads(False)  # else autograd hands backward a [T*K, I] tensor of zeros for A
+        return pre, act
+
+    @staticmethod
+    def backward(ctx, d_pre, _):
+        if d_pre is None:  # no gradient reached pre
+            return None, None, None, None, None
+        x, w_gate_up = ctx.saved_tensors
+        dx, d_gate_up = ops().backward_up(d_pre, x, ctx.routing, w_gate_up, needs=ctx.needs_input_grad[:2],
+                                          consume_d_pre=True)
+        return dx, d_gate_up, None, None, None
+
+
+class _DownProjection(torch.autograd.Function):
+    """(pre, A) -> y: the down-projection, scaled by the routing weights and combined. Saves pre
+    (A is recomputed from it in the backward, never saved).
+
+    The backward consumes pre: pre's gradient is written over it, and the up node releases that
+    memory once dW_gate_up is done, so the step never holds two [T*K, 2I] buffers. The price: one
+    backward per forward (``retain_graph=True`` and a second backward raise a RuntimeError)."""
+
+    @staticmethod
+    def forward(ctx, pre, act, topk_weights, w_down, routing, schedule, config):
+        y = ops().down_projection(act, routing, w_down, schedule, config)
+        ctx.save_for_backward(pre, w_down)
         ctx.routing = routing
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_gate_up, w_down, pre = ctx.saved_tensors
-        grads = ops().moe_experts_backward(dy, x, pre, ctx.routing, w_gate_up, w_down, needs=ctx.needs_input_grad[:4])
-        return (*grads, None)
+        pre, w_down = ctx.saved_tensors
+        if pre.untyped_storage().nbytes() == 0 and pre.numel():
+            raise RuntimeError("backend 'triton': a second backward through the same forward (retain_graph=True) "
+                               "is not supported, because the first one reused the saved pre-activation's memory; "
+                               "run the forward again, or use backend='grouped_mm' to backward twice")
+        needs = ctx.needs_input_grad
+        d_pre, d_weights, d_down = ops().backward_down(dy, pre, ctx.routing, w_down, needs=(needs[0], needs[2], needs[3]),
+                                                       consume_pre=True)
+        return d_pre, None, d_weights, d_down, None, None, None
 
 
 def experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
@@ -88,6 +127,9 @@ def experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: 
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
     inputs = (x, routing.topk_weights, w_gate_up, w_down)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return _TritonExperts.apply(*inputs, routing)
-    return ops().moe_experts(x, routing, w_gate_up, w_down)[0]  # no autograd Function: decode counts microseconds
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        return ops().moe_experts(x, routing, w_gate_up, w_down)[0]  # no autograd Function: decode counts microseconds
+    up_cfg, down_cfg = ops().pick_configs(routing, x.shape[1], w_down.shape[2], x.device)
+    schedule = ops().Schedule(routing, up_cfg.block_m)
+    pre, act = _UpProjection.apply(x, w_gate_up, routing, schedule, up_cfg)
+    return _DownProjection.apply(pre, act, routing.topk_weights, w_down, routing, schedule, down_cfg)

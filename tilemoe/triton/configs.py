@@ -75,31 +75,25 @@ def rule(projection: str, rows_per_expert: float) -> TileConfig:
 @dataclass(frozen=True)
 class WgradConfig:
     """The weight gradients' tiles (``grouped_wgrad_kernel``): BLOCK_N1 x BLOCK_N2 outputs per
-    program, summed over the expert's rows BLOCK_R at a time."""
+    program, summed over the expert's rows BLOCK_R at a time; ``tma`` loads the operand that is
+    read in place (not through the permutation) by TMA descriptors, where allowed."""
     block_n1: int = 128
     block_n2: int = 128
     block_r: int = 64
     num_warps: int = 8
-    num_stages: int = 3
+    num_stages: int = 4
+    tma: bool = True
 
 
 def backward_rule(rows_per_expert: float) -> tuple[TileConfig, TileConfig, WgradConfig]:
-    """The backward's configurations (dY GEMM, dX GEMM, weight gradients). The two GEMMs share one
-    schedule, so one BLOCK_M; below prefill sizes both take the down-projection's rule.
-
-    At prefill (picked in a sweep on an H200 at 16384 tokens, OLMoE and Qwen3 shapes; the sweep was
-    not recorded, the layer it gives is in examples/06_full_moe/README.md): the dY GEMM's
-    SwiGLU-gradient epilogue holds five fp32 tiles, 64 registers a thread each at 128 x 128 and 8
-    warps, past the 255 a thread can have, so its tile is 64 columns wide; the dX GEMM has a plain
-    epilogue and takes the forward down-projection's wide 128 x 256 tile, persistent, its
-    transposed weights loaded by TMA.
-    """
+    """The backward's configurations (dY GEMM, dX GEMM, weight gradients). Below prefill sizes
+    both GEMMs take the down-projection's rule; at prefill both are plain GEMMs over transposed
+    weights and take its wide 128 x 256 tile, persistent, the weights loaded by TMA."""
     grad = rule("down", rows_per_expert)
     if rows_per_expert <= 64:
         return grad, grad, WgradConfig()
-    grad = TileConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=4)
-    dx = TileConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True, tma=True)
-    return grad, dx, WgradConfig()
+    wide = TileConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True, tma=True)
+    return wide, wide, WgradConfig()
 
 
 @lru_cache(maxsize=None)

@@ -23,18 +23,19 @@ fusions chosen by constexpr flags:
   writes it to the slot's own row, sorted_slots[r], of a [T*K, N] output: the combine is then a
   plain sum of each token's K consecutive rows (deterministic, no atomics). The backward's dX
   scatters without scaling.
-- SWIGLU_GRAD: the backward's first GEMM, dY @ W_down: its epilogue recomputes the activation
-  from the saved pre-activation and writes the gradients of gate and up, the weighted activation
-  the down-projection's weight gradient needs, and each row's share of its routing weight's
-  gradient.
-
-``grouped_wgrad_kernel`` computes the weight gradients, dW_e = A_e^T @ B_e: a GEMM whose reduction
-runs over the expert's own rows, so its length is the expert's token count.
 
 ``combine_kernel`` is that sum. Slots that no expert kept (capacity drops, the -1 padding of token
 rounding) were never written: it skips them by their id instead of reading zeros someone wrote.
 It also takes rows in expert order, unweighted (backend "cuda"'s plain down-projection): it then
 reads each slot's row through the inverse permutation and weights it.
+
+The backward's first GEMM, dY @ W_down, is a plain one (dY read through the permutation); then
+``swiglu_backward_kernel`` recomputes the activation from the saved pre-activation and applies
+SwiGLU's derivative in one elementwise pass, in place. (In the GEMM's epilogue that work held five
+fp32 tiles at once, which forced 128 x 64 tiles where the plain GEMM takes 128 x 256.)
+
+``grouped_wgrad_kernel`` computes the weight gradients, dW_e = A_e^T @ B_e: a GEMM whose reduction
+runs over the expert's own rows, so its length is the expert's token count.
 """
 
 from __future__ import annotations
@@ -78,15 +79,15 @@ def schedule_kernel(counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, nu
 
 @triton.jit
 def grouped_gemm_kernel(
-    a_ptr, w_ptr, c_ptr, pre_ptr, act_ptr, dscale_ptr,
+    a_ptr, w_ptr, c_ptr, pre_ptr,
     gather_ptr, slot_ptr, scale_ptr,
     block_expert_ptr, block_row_ptr, offsets_ptr, num_blocks_ptr,
     N, K,
-    stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_pm, stride_actm,
+    stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_pm,
     NUM_PROGRAMS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, SCATTER_C: tl.constexpr,
-    SCALE_ROWS: tl.constexpr, SWIGLU_GRAD: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
     FLATTEN: tl.constexpr, ROWS_FULL: tl.constexpr, EVEN_N: tl.constexpr, W_KN: tl.constexpr,
 ):
@@ -95,7 +96,7 @@ def grouped_gemm_kernel(
     a: [R, K] (or x [T, K] read through gather_ptr when GATHER_A), w: [E, N or 2N, K] at strides
     (stride_we, stride_wn, stride_wk) (the forward's weights have stride_wk = 1; the backward reads
     them transposed), c: [R, N] (or [T*K, N] written through slot_ptr when SCATTER_C).
-    SCALE_ROWS multiplies row r by scale[slot of r] (its routing weight); SWIGLU_GRAD needs it.
+    SCALE_ROWS multiplies row r by scale[slot of r] (its routing weight).
     Programs walk tiles pid, pid + NUM_PROGRAMS, ...: a launch of one program per tile visits
     each once; a persistent launch of a few programs per SM loops (FLATTEN lets the software
     pipeline start the next tile's loads during this tile's epilogue).
@@ -206,77 +207,92 @@ def grouped_gemm_kernel(
         if SCATTER_C or SCALE_ROWS:
             slots = tl.load(slot_ptr + rows_in)
         if SCALE_ROWS:
-            scale = tl.load(scale_ptr + slots).to(tl.float32)[:, None]
-        if SWIGLU_GRAD:
-            # acc = dY[token] @ W_down[e], the gradient of the expert's activation before its routing
-            # weight p. Recompute A = silu(gate) * up from the saved pre-activation, then:
-            #   dp (this tile's columns' share) = sum_i acc_i * A_i, the routing weight's gradient;
-            #   p * A, the down-projection's weight gradient needs (act_ptr);
-            #   dA = p * acc, and through SwiGLU: d gate = dA * up * silu'(gate), d up = dA * silu(gate).
-            pre = pre_ptr + rows64[:, None] * stride_pm + cols[None, :]
-            gate = tl.load(pre, mask=store_ok, other=0.0).to(tl.float32)
-            up = tl.load(pre + N, mask=store_ok, other=0.0).to(tl.float32)
-            # Each full-tile temporary costs BLOCK_M * BLOCK_N / (32 * num_warps) registers a thread:
-            # the order below lets each die soon after its last use, and the backward's tiles are
-            # narrower than the forward's (configs.backward_rule), or the registers spill.
-            sig = tl.sigmoid(gate)
-            silu_gate = gate * sig
-            act = silu_gate * up  # zero in masked columns: they add nothing to dp
-            tl.store(dscale_ptr + rows64 * num_pid_n + pid_n, tl.sum(acc * act, axis=1), mask=row_ok)
-            tl.store(act_ptr + rows64[:, None] * stride_actm + cols[None, :],
-                     (act * scale).to(act_ptr.dtype.element_ty), mask=store_ok)
-            acc = acc * scale  # dA
-            c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
-            tl.store(c_ptrs + N, (acc * silu_gate).to(c_ptr.dtype.element_ty), mask=store_ok)
-            # silu'(gate) = sig * (1 + gate * (1 - sig)) = sig + silu_gate * (1 - sig)
-            tl.store(c_ptrs, (acc * up * (sig + silu_gate * (1.0 - sig))).to(c_ptr.dtype.element_ty),
-                     mask=store_ok)
+            acc = acc * tl.load(scale_ptr + slots).to(tl.float32)[:, None]
+        if SCATTER_C:
+            out_rows = slots.to(tl.int64)
         else:
-            if SCALE_ROWS:
-                acc = acc * scale
-            if SCATTER_C:
-                out_rows = slots.to(tl.int64)
-            else:
-                out_rows = rows64
-            c_ptrs = c_ptr + out_rows[:, None] * stride_cm + cols[None, :]
-            if ROWS_FULL and EVEN_N:  # a tile-aligned routing: every row and column of the tile is real
-                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty))
-            else:
-                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=store_ok)
+            out_rows = rows64
+        c_ptrs = c_ptr + out_rows[:, None] * stride_cm + cols[None, :]
+        if ROWS_FULL and EVEN_N:  # a tile-aligned routing: every row and column of the tile is real
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty))
+        else:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def _wgrad_rows(ptr, gather_ptr, rows, cols, stride, row_ok, col_ok,
+                GATHER: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """One [BLOCK_R, BLOCK_N] chunk of an operand of grouped_wgrad_kernel, by pointers: the rows
+    read through gather_ptr when GATHER, masked only where the caller says a mask is needed."""
+    if GATHER:
+        if MASK_ROWS:
+            rows = tl.load(gather_ptr + rows, mask=row_ok, other=0)
+        else:
+            rows = tl.load(gather_ptr + rows)
+    ptrs = ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :]
+    if MASK_ROWS and MASK_COLS:
+        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if MASK_ROWS:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    if MASK_COLS:
+        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    return tl.load(ptrs)
 
 
 @triton.jit
 def grouped_wgrad_kernel(a_ptr, b_ptr, c_ptr, a_gather_ptr, b_gather_ptr, offsets_ptr,
                          N1, N2, stride_am, stride_bm, stride_ce, stride_cn,
                          BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_R: tl.constexpr,
-                         GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+                         EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """C[e] = A[rows of e]^T @ B[rows of e] for expert e = program_id(1): [N1, N2] per expert.
 
     a: [R, N1] (or read through a_gather_ptr: row r is a[a_gather[r]]), b: [R, N2] likewise,
-    c: [E, N1, N2]. The reduction runs over the expert's grouped rows offsets[e] .. offsets[e+1],
-    BLOCK_R at a time (the last chunk masked); an expert with no rows gets zeros.
+    c: [E, N1, N2]. The reduction runs over the expert's grouped rows offsets[e] .. offsets[e+1]:
+    first every full chunk of BLOCK_R rows with no row mask (the loads the software pipeline
+    streams), then the one partial chunk, masked. An expert with no rows gets zeros.
+    A_TMA / B_TMA: that operand is a TMA descriptor over the [R, N] rows in place (an operand read
+    through a permutation cannot be: a TMA copies a rectangle). It zero-fills columns past N, but
+    the rows past the expert's end are the next expert's, or past the last expert's the rows of
+    dropped slots, never written (NaN times the other operand's masked zeros is still NaN): the
+    partial chunk masks them itself.
+    EVEN_N1 / EVEN_N2: N is a multiple of its tile, so the pointer loads need no column mask.
     """
     expert = tl.program_id(1)
     tiles_n2 = tl.cdiv(N2, BLOCK_N2)
-    n1 = (tl.program_id(0) // tiles_n2) * BLOCK_N1 + tl.arange(0, BLOCK_N1)
-    n2 = (tl.program_id(0) % tiles_n2) * BLOCK_N2 + tl.arange(0, BLOCK_N2)
+    first_n1 = (tl.program_id(0) // tiles_n2) * BLOCK_N1
+    first_n2 = (tl.program_id(0) % tiles_n2) * BLOCK_N2
+    n1 = first_n1 + tl.arange(0, BLOCK_N1)
+    n2 = first_n2 + tl.arange(0, BLOCK_N2)
     n1_ok, n2_ok = n1 < N1, n2 < N2
     start = tl.load(offsets_ptr + expert)
     end = tl.load(offsets_ptr + expert + 1)
+    full_end = start + (end - start) // BLOCK_R * BLOCK_R
     acc = tl.zeros((BLOCK_N1, BLOCK_N2), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_R):
+    for r0 in range(start, full_end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
+        if A_TMA:
+            a = a_ptr.load([r0, first_n1])
+        else:
+            a = _wgrad_rows(a_ptr, a_gather_ptr, rows, n1, stride_am, rows < end, n1_ok,
+                            GATHER_A, False, not EVEN_N1)
+        if B_TMA:
+            b = b_ptr.load([r0, first_n2])
+        else:
+            b = _wgrad_rows(b_ptr, b_gather_ptr, rows, n2, stride_bm, rows < end, n2_ok,
+                            GATHER_B, False, not EVEN_N2)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
+    if full_end < end:
+        rows = full_end + tl.arange(0, BLOCK_R)
         row_ok = rows < end
-        if GATHER_A:
-            a_rows = tl.load(a_gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        if A_TMA:
+            a = tl.where(row_ok[:, None], a_ptr.load([full_end, first_n1]), 0.0)
         else:
-            a_rows = rows.to(tl.int64)
-        if GATHER_B:
-            b_rows = tl.load(b_gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            a = _wgrad_rows(a_ptr, a_gather_ptr, rows, n1, stride_am, row_ok, n1_ok, GATHER_A, True, not EVEN_N1)
+        if B_TMA:
+            b = tl.where(row_ok[:, None], b_ptr.load([full_end, first_n2]), 0.0)
         else:
-            b_rows = rows.to(tl.int64)
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + n1[None, :], mask=row_ok[:, None] & n1_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + n2[None, :], mask=row_ok[:, None] & n2_ok[None, :], other=0.0)
+            b = _wgrad_rows(b_ptr, b_gather_ptr, rows, n2, stride_bm, row_ok, n2_ok, GATHER_B, True, not EVEN_N2)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
     c = c_ptr + expert.to(tl.int64) * stride_ce + n1[:, None].to(tl.int64) * stride_cn + n2[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=n1_ok[:, None] & n2_ok[None, :])
@@ -318,3 +334,43 @@ def swiglu_kernel(h_ptr, out_ptr, ffn, BLOCK: tl.constexpr):
     gate = tl.load(h_ptr + r * 2 * ffn + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(h_ptr + r * 2 * ffn + ffn + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + r * ffn + cols, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def swiglu_backward_kernel(g_ptr, pre_ptr, slot_ptr, scale_ptr, dscale_ptr, offsets_ptr, num_experts, ffn,
+                           BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    """SwiGLU's backward for BLOCK_R grouped rows, in place. With g = dY[t] @ W_down[e] (the row
+    the first backward GEMM wrote), [gate | up] the saved pre-activation, p the slot's routing
+    weight and A = silu(gate) * up recomputed here:
+
+        dscale[r]     = sum_i g_i * A_i                the routing weight's gradient (one per row)
+        g_ptr row    <- p * A                          what dW_down's reduction multiplies dY by
+        pre_ptr row  <- [dA * up * silu'(gate) | dA * silu(gate)],  dA = p * g
+
+    Every element is read and then written by the same program, so both buffers are overwritten
+    where they are read: no new memory. Rows past offsets[E] (dropped slots) are left alone.
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < tl.load(offsets_ptr + num_experts)
+    p = tl.load(scale_ptr + tl.load(slot_ptr + r, mask=row_ok, other=0), mask=row_ok, other=0.0)
+    p = p.to(tl.float32)[:, None]
+    rows = r.to(tl.int64)[:, None]
+    dscale = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, ffn, BLOCK_I):
+        cols = c0 + tl.arange(0, BLOCK_I)[None, :]
+        ok = row_ok[:, None] & (cols < ffn)
+        g_ptrs = g_ptr + rows * ffn + cols
+        gate_ptrs = pre_ptr + rows * (2 * ffn) + cols
+        g = tl.load(g_ptrs, mask=ok, other=0.0).to(tl.float32)
+        gate = tl.load(gate_ptrs, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(gate_ptrs + ffn, mask=ok, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu_gate = gate * sig
+        act = silu_gate * up
+        dscale += tl.sum(g * act, axis=1)
+        tl.store(g_ptrs, (p * act).to(g_ptr.dtype.element_ty), mask=ok)
+        d_act = p * g
+        tl.store(gate_ptrs + ffn, (d_act * silu_gate).to(pre_ptr.dtype.element_ty), mask=ok)
+        # silu'(gate) = sig * (1 + gate * (1 - sig)) = sig + silu_gate * (1 - sig)
+        tl.store(gate_ptrs, (d_act * up * (sig + silu_gate * (1.0 - sig))).to(pre_ptr.dtype.element_ty), mask=ok)
+    tl.store(dscale_ptr + r, dscale, mask=row_ok)

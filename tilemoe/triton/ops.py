@@ -13,10 +13,11 @@ Four launches after routing, none waiting for the host:
 
     dx, d_weights, d_gate_up, d_down = moe_experts_backward(dy, x, pre, routing, w_gate_up, w_down)
 
-The backward, from x and the pre-activation the forward saved (store_pre=True): one grouped GEMM
-dY @ W_down whose epilogue recomputes the activation and applies SwiGLU's derivative, two weight
-gradient GEMMs (each a sum over an expert's rows), and dX as a grouped GEMM scattered to the slots
-and combined like y. No atomics: every gradient is deterministic.
+The backward, from x and the pre-activation the forward saved (store_pre=True), in two halves
+(the two autograd nodes of backend "triton"): ``backward_down``, a grouped GEMM dY @ W_down, one
+elementwise pass that recomputes the activation and applies SwiGLU's derivative, and dW_down;
+``backward_up``, dX as a grouped GEMM scattered to the slots and combined like y, and dW_gate_up.
+Each weight gradient is a sum over an expert's rows. No atomics: every gradient is deterministic.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .. import checks
 from ..routing import Routing
 from . import configs
-from .kernels import combine_kernel, grouped_gemm_kernel, grouped_wgrad_kernel, schedule_kernel, swiglu_kernel
+from .kernels import (combine_kernel, grouped_gemm_kernel, grouped_wgrad_kernel, schedule_kernel,
+                      swiglu_backward_kernel, swiglu_kernel)
 
 GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Triton's interpreter multiplies bf16 as raw bit patterns in tl.dot (triton-lang/triton#11584).
@@ -112,17 +114,14 @@ class Schedule:
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: Schedule, config: configs.TileConfig,
                  *, n: int, gather: torch.Tensor | None = None, swiglu: bool = False, pre: torch.Tensor | None = None,
-                 scatter: bool = False, scale: torch.Tensor | None = None,
-                 swiglu_grad: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 out: torch.Tensor) -> torch.Tensor:
+                 scatter: bool = False, scale: torch.Tensor | None = None, out: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = epilogue(a[rows] @ w[e, :n]^T) for every expert (grouped_gemm_kernel's flags).
 
     w [E, N, K] may be the transposed view of a contiguous [E, K, N] (the backward's): its TMA
     descriptor is then 3-D over that tensor (``W_KN``); SwiGLU's paired gate/up rows need [E, 2N, K].
     scatter: write row r to its slot's row (``routing.sorted_slots``); scale: [T*K] fp32, each row
-    multiplied by its slot's entry; swiglu_grad: (pre, act, dscale), the backward epilogue's saved
-    pre-activation (read) and its two extra outputs. The caller has checked shapes, dtypes and
-    contiguity (``tilemoe.backends.triton_fused``).
+    multiplied by its slot's entry. The caller has checked shapes, dtypes and contiguity
+    (``tilemoe.backends.triton_fused``).
     """
     k = a.shape[1]
     tiles_n = triton.cdiv(n, config.block_n)
@@ -143,23 +142,17 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
         w_arg = TensorDescriptor.from_tensor(w_stored, [1, config.block_k, config.block_n])
     else:
         w_arg = TensorDescriptor.from_tensor(w.view(-1, k), [config.block_n, config.block_k])
-    if swiglu_grad is not None:
-        pre, act, dscale = swiglu_grad
-    else:
-        act = dscale = None
     grouped_gemm_kernel[(programs,)](
-        a_arg, w_arg, out, pre if pre is not None else out, act if act is not None else out,
-        dscale if dscale is not None else dummy,
+        a_arg, w_arg, out, pre if pre is not None else out,
         gather if gather is not None else dummy, routing.sorted_slots,
         scale if scale is not None else dummy,
         schedule.expert, schedule.row, routing.offsets, schedule.num_blocks,
         n, k,
         a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0), pre.stride(0) if pre is not None else 0,
-        act.stride(0) if act is not None else 0,
         programs,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         GATHER_A=gather is not None, SWIGLU=swiglu, STORE_PRE=swiglu and pre is not None, SCATTER_C=scatter,
-        SCALE_ROWS=scale is not None, SWIGLU_GRAD=swiglu_grad is not None,
+        SCALE_ROWS=scale is not None,
         EVEN_K=k % config.block_k == 0, DOT_PRECISION=dot_precision(a.dtype),
         A_TMA=a_tma, W_TMA=w_tma, FLATTEN=config.persistent and not interpreted(),
         ROWS_FULL=routing.row_multiple % config.block_m == 0, EVEN_N=n % config.block_n == 0, W_KN=w_kn,
@@ -192,6 +185,28 @@ def _pick_configs(rows_per_expert: float, hidden: int, ffn: int, slug: str | Non
     return up, down
 
 
+def up_projection(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, schedule: Schedule,
+                  config: configs.TileConfig, *, store_pre: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(A, pre): A = silu(gate) * up [T*K, I] in expert order, x's rows gathered through the
+    permutation; with store_pre the pre-activation [gate | up] [T*K, 2I] too (else None)."""
+    slots, ffn = routing.sorted_slots.numel(), w_gate_up.shape[1] // 2
+    act = x.new_empty(slots, ffn)
+    pre = x.new_empty(slots, 2 * ffn) if store_pre else None
+    grouped_gemm(x, w_gate_up, routing, schedule, config, n=ffn, gather=routing.sorted_tokens, swiglu=True,
+                 pre=pre, out=act)
+    return act, pre
+
+
+def down_projection(act: torch.Tensor, routing: Routing, w_down: torch.Tensor, schedule: Schedule,
+                    config: configs.TileConfig) -> torch.Tensor:
+    """y [T, H]: each row of A @ W_down[e]^T times its routing weight, written to its slot's row,
+    then each token's K rows summed (``combine``)."""
+    rows = act.new_empty(act.shape[0], w_down.shape[1])  # dropped slots' rows stay unwritten: the combine skips them
+    grouped_gemm(act, w_down, routing, schedule, config, n=w_down.shape[1], scatter=True,
+                 scale=slot_weights(routing), out=rows)
+    return combine(rows, routing)
+
+
 def moe_experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 *, store_pre: bool = False, tile_configs: tuple | None = None) -> tuple[torch.Tensor, dict]:
     """The routed experts of ``routing``, combined: (y [T, H], saved) with x's dtype.
@@ -200,69 +215,98 @@ def moe_experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_do
     and with store_pre the pre-activation [gate | up] [T*K, 2I].
     tile_configs: (up, down) TileConfigs to use instead of the tuned/rule choice (for tuning).
     """
-    num_tokens, hidden = x.shape
-    top_k, ffn = routing.top_k, w_down.shape[2]
-    up_cfg, down_cfg = tile_configs or pick_configs(routing, hidden, ffn, x.device)
+    up_cfg, down_cfg = tile_configs or pick_configs(routing, x.shape[1], w_down.shape[2], x.device)
     schedule = Schedule(routing, up_cfg.block_m)
-    slots = num_tokens * top_k
-    act = x.new_empty(slots, ffn)
-    pre = x.new_empty(slots, 2 * ffn) if store_pre else None
-    grouped_gemm(x, w_gate_up, routing, schedule, up_cfg, n=ffn, gather=routing.sorted_tokens, swiglu=True,
-                 pre=pre, out=act)
-    rows = x.new_empty(slots, hidden)  # dropped slots' rows stay unwritten: the combine skips them
-    grouped_gemm(act, w_down, routing, schedule, down_cfg, n=hidden, scatter=True, scale=slot_weights(routing), out=rows)
-    return combine(rows, routing), {"act": act, "pre": pre, "schedule": schedule, "configs": (up_cfg, down_cfg)}
+    act, pre = up_projection(x, routing, w_gate_up, schedule, up_cfg, store_pre=store_pre)
+    y = down_projection(act, routing, w_down, schedule, down_cfg)
+    return y, {"act": act, "pre": pre, "schedule": schedule, "configs": (up_cfg, down_cfg)}
 
 
-def moe_experts_backward(dy: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, routing: Routing,
-                         w_gate_up: torch.Tensor, w_down: torch.Tensor, *, needs: tuple = (True, True, True, True),
-                         tile_configs: tuple | None = None) -> tuple:
-    """Gradients of ``moe_experts``' y with respect to (x, routing.topk_weights, w_gate_up, w_down).
+def backward_down(dy: torch.Tensor, pre: torch.Tensor, routing: Routing, w_down: torch.Tensor, *,
+                  needs: tuple = (True, True, True), consume_pre: bool = False,
+                  tile_configs: tuple | None = None) -> tuple:
+    """The down-projection's half of the backward: gradients of y with respect to (pre,
+    routing.topk_weights, w_down), None where ``needs`` says not wanted. With slot s = (t, k) of
+    expert e, weight p and grouped row r, and A_r = silu(gate_r) * up_r recomputed from pre:
+      g_r       = dy[t] @ W_down[e]               a grouped GEMM, dY read through the permutation;
+      dp_s      = g_r . A_r                       then one elementwise pass (swiglu_backward_kernel)
+      d pre_r   = SwiGLU's derivative of p * g_r  that also leaves p * A_r where g_r was;
+      dW_down_e = sum_r dy[t]^T (p * A_r)         a reduction over the expert's rows.
+    consume_pre: pre is not needed after this call (an autograd Function's saved tensor, one backward
+    only): its gradient is written over it, each element where it was read, and returned in its
+    place. Otherwise d pre gets a new buffer.
+    tile_configs: (dY GEMM, weight gradient) configurations instead of ``configs.backward_rule``'s.
+    """
+    slots, ffn = pre.shape[0], w_down.shape[2]
+    num_tokens, top_k = routing.topk_ids.shape
+    rule = configs.backward_rule(slots / routing.num_experts)
+    grad_cfg, wgrad_cfg = tile_configs or (rule[0], rule[2])
+    need_pre, need_weights, need_down = needs
+    dy = dy.contiguous()
+    g = dy.new_empty(slots, ffn)  # g, then p * A in its place
+    grouped_gemm(dy, w_down.transpose(1, 2), routing, Schedule(routing, grad_cfg.block_m), grad_cfg, n=ffn,
+                 gather=routing.sorted_tokens, out=g)
+    d_pre = pre if consume_pre else pre.clone()
+    dscale = torch.empty(slots, dtype=torch.float32, device=dy.device)
+    swiglu_backward(g, d_pre, routing, dscale)
+    d_weights = d_down = None
+    if need_weights:  # rows of dropped slots were never computed: their gradient is zero
+        dp = dscale[routing.slot_position].view(num_tokens, top_k)
+        d_weights = torch.where(routing.dropped, 0.0, dp).to(routing.topk_weights.dtype)
+    if need_down:
+        d_down = weight_gradient(dy, g, routing, wgrad_cfg, a_gather=routing.sorted_tokens, dtype=w_down.dtype)
+    return (d_pre if need_pre else None), d_weights, d_down
 
-    dy [T, H]; pre [T*K, 2I], the pre-activation the forward saved (store_pre=True). The activation
-    A = silu(gate) * up is recomputed from it, never saved. needs: which of the four to compute
-    (None in their place otherwise). With slot s = (t, k) of expert e, weight p and the grouped row r:
-      dA_r      = p * dy[t] @ W_down[e]        the first GEMM, dY read through the permutation;
-      dp_s      = (dy[t] @ W_down[e]) . A_r    in its epilogue, with d gate and d up (SwiGLU's
-                                               derivative) and p * A_r for the next line;
-      dW_down_e = sum_r dy[t]^T (p * A_r)      weight gradients: reductions over each expert's rows
-      dW_gu_e   = sum_r [d gate | d up]_r^T x[t]
-      dx[t]     = sum_k [d gate | d up]_r @ W_gu[e]   grouped GEMM, scattered to slots, then summed.
-    tile_configs: (dY GEMM, dX GEMM, weight gradients) to use instead of ``configs.backward_rule``.
+
+def backward_up(d_pre: torch.Tensor, x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, *,
+                needs: tuple = (True, True), consume_d_pre: bool = False, tile_configs: tuple | None = None) -> tuple:
+    """The up-projection's half of the backward: gradients with respect to (x, w_gate_up) from the
+    pre-activation's gradient d_pre [T*K, 2I], None where ``needs`` says not wanted:
+      dW_gu_e = sum_r d_pre_r^T x[t]              a reduction over the expert's rows;
+      dx[t]   = sum_k d_pre_r @ W_gu[e]           a grouped GEMM, scattered to slots, then summed.
+    The [T*K, H] rows of dx live and die first, so that dW_gate_up is allocated with nothing else
+    of that size held. consume_d_pre: release d_pre's memory once its last reader is done.
+    tile_configs: (dX GEMM, weight gradient) configurations instead of ``configs.backward_rule``'s.
     """
     num_tokens, hidden = x.shape
-    top_k, ffn = routing.top_k, w_down.shape[2]
-    slots = num_tokens * top_k
-    grad_cfg, dx_cfg, wgrad_cfg = tile_configs or configs.backward_rule(slots / routing.num_experts)
-    if dx_cfg.block_m != grad_cfg.block_m:
-        raise ValueError(f"tile_configs: the dY and dX GEMMs share one schedule, so one block_m; got "
-                         f"{grad_cfg.block_m} and {dx_cfg.block_m}")
-    dy = dy.contiguous()
-    schedule = Schedule(routing, grad_cfg.block_m)
-    d_pre = x.new_empty(slots, 2 * ffn)
-    act = x.new_empty(slots, ffn)  # p * A, for the down-projection's weight gradient
-    dscale = torch.empty(slots, triton.cdiv(ffn, grad_cfg.block_n), dtype=torch.float32, device=x.device)
-    grouped_gemm(dy, w_down.transpose(1, 2), routing, schedule, grad_cfg, n=ffn, gather=routing.sorted_tokens,
-                 scale=slot_weights(routing), swiglu_grad=(pre, act, dscale), out=d_pre)
-    need_x, need_weights, need_gate_up, need_down = needs
-    d_weights = d_gate_up = d_down = dx = None
-    if need_weights:  # rows of dropped slots were never computed: their gradient is zero
-        dp = dscale.sum(dim=1)[routing.slot_position].view(num_tokens, top_k)
-        d_weights = torch.where(routing.dropped, 0.0, dp).to(routing.topk_weights.dtype)
-    # The order keeps the peak low: the [T*K, H] rows of dX live and die first, each [T*K, ...]
-    # buffer is freed after its last reader, and the weight gradients (returned, so alive to the
-    # end) are allocated last, the larger one while only d_pre and p * A are still held.
+    rule = configs.backward_rule(d_pre.shape[0] / routing.num_experts)
+    dx_cfg, wgrad_cfg = tile_configs or (rule[1], rule[2])
+    need_x, need_gate_up = needs
+    dx = d_gate_up = None
     if need_x:
-        rows = x.new_empty(slots, hidden)
-        grouped_gemm(d_pre, w_gate_up.transpose(1, 2), routing, schedule, dx_cfg, n=hidden, scatter=True, out=rows)
+        rows = x.new_empty(d_pre.shape[0], hidden)
+        grouped_gemm(d_pre, w_gate_up.transpose(1, 2), routing, Schedule(routing, dx_cfg.block_m), dx_cfg, n=hidden,
+                     scatter=True, out=rows)
         dx = combine(rows, routing)
         del rows
     if need_gate_up:
         d_gate_up = weight_gradient(d_pre, x, routing, wgrad_cfg, b_gather=routing.sorted_tokens,
                                     dtype=w_gate_up.dtype)
-    del d_pre
-    if need_down:
-        d_down = weight_gradient(dy, act, routing, wgrad_cfg, a_gather=routing.sorted_tokens, dtype=w_down.dtype)
+    if consume_d_pre:  # the caller holds d_pre too: release the memory itself, not a reference
+        d_pre.untyped_storage().resize_(0)
+    return dx, d_gate_up
+
+
+def moe_experts_backward(dy: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, routing: Routing,
+                         w_gate_up: torch.Tensor, w_down: torch.Tensor, *, needs: tuple = (True, True, True, True),
+                         consume_pre: bool = False, tile_configs: tuple | None = None) -> tuple:
+    """Gradients of ``moe_experts``' y with respect to (x, routing.topk_weights, w_gate_up, w_down):
+    ``backward_down`` then ``backward_up`` (their docstrings have the math).
+
+    dy [T, H]; pre [T*K, 2I], the pre-activation the forward saved (store_pre=True). The activation
+    A = silu(gate) * up is recomputed from it, never saved. needs: which of the four to compute
+    (None in their place otherwise). consume_pre: pre is not needed after this call; its memory
+    becomes d pre's and is released at the end (pre is then an empty tensor). Otherwise pre is
+    left as it was.
+    tile_configs: (dY GEMM, dX GEMM, weight gradients) to use instead of ``configs.backward_rule``.
+    """
+    grad_cfg, dx_cfg, wgrad_cfg = tile_configs or (None, None, None)
+    need_x, need_weights, need_gate_up, need_down = needs
+    d_pre, d_weights, d_down = backward_down(dy, pre, routing, w_down, needs=(True, need_weights, need_down),
+                                             consume_pre=consume_pre,
+                                             tile_configs=tile_configs and (grad_cfg, wgrad_cfg))
+    dx, d_gate_up = backward_up(d_pre, x, routing, w_gate_up, needs=(need_x, need_gate_up), consume_d_pre=True,
+                                tile_configs=tile_configs and (dx_cfg, wgrad_cfg))
     return dx, d_weights, d_gate_up, d_down
 
 
@@ -271,20 +315,40 @@ def weight_gradient(a: torch.Tensor, b: torch.Tensor, routing: Routing, config: 
                     dtype: torch.dtype) -> torch.Tensor:
     """dW [E, N1, N2]: for every expert e, the sum over its grouped rows r of a[r]^T b[r] (a row
     read through a_gather / b_gather when given): ``grouped_wgrad_kernel``. Experts with no rows
-    get zeros."""
+    get zeros. An operand read in place loads through a TMA descriptor where config.tma allows."""
     n1, n2 = a.shape[1], b.shape[1]
     num_experts = routing.num_experts
     out = torch.empty(num_experts, n1, n2, dtype=dtype, device=a.device)
     dummy = routing.offsets
+    tma = config.tma and configs.tma_on()
+    a_tma = tma and a_gather is None and tma_allowed(a)
+    b_tma = tma and b_gather is None and tma_allowed(b)
+    a_arg = TensorDescriptor.from_tensor(a, [config.block_r, config.block_n1]) if a_tma else a
+    b_arg = TensorDescriptor.from_tensor(b, [config.block_r, config.block_n2]) if b_tma else b
     grid = (triton.cdiv(n1, config.block_n1) * triton.cdiv(n2, config.block_n2), num_experts)
     grouped_wgrad_kernel[grid](
-        a, b, out, a_gather if a_gather is not None else dummy, b_gather if b_gather is not None else dummy,
+        a_arg, b_arg, out, a_gather if a_gather is not None else dummy, b_gather if b_gather is not None else dummy,
         routing.offsets, n1, n2, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
         BLOCK_N1=config.block_n1, BLOCK_N2=config.block_n2, BLOCK_R=config.block_r,
-        GATHER_A=a_gather is not None, GATHER_B=b_gather is not None, DOT_PRECISION=dot_precision(a.dtype),
+        GATHER_A=a_gather is not None, GATHER_B=b_gather is not None, A_TMA=a_tma, B_TMA=b_tma,
+        EVEN_N1=n1 % config.block_n1 == 0, EVEN_N2=n2 % config.block_n2 == 0, DOT_PRECISION=dot_precision(a.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
+
+
+def swiglu_backward(g: torch.Tensor, pre: torch.Tensor, routing: Routing, dscale: torch.Tensor) -> None:
+    """``swiglu_backward_kernel`` over every kept grouped row: g [T*K, I] (dY @ W_down per row) becomes
+    p * A, pre [T*K, 2I] becomes its own gradient, dscale [T*K] fp32 gets each row's dp."""
+    slots, ffn = g.shape
+    if not slots:
+        return
+    block_i = min(256, triton.next_power_of_2(ffn))
+    block_r = 8
+    swiglu_backward_kernel[(triton.cdiv(slots, block_r),)](
+        g, pre, routing.sorted_slots, slot_weights(routing), dscale, routing.offsets, routing.num_experts, ffn,
+        BLOCK_R=block_r, BLOCK_I=block_i, num_warps=4,
+    )
 
 
 def combine(rows: torch.Tensor, routing: Routing, *, grouped: bool = False) -> torch.Tensor:
