@@ -145,3 +145,38 @@ def test_load_balancing_loss_gradient_reaches_the_router():
     ids = R.route(logits.detach(), 2).topk_ids
     R.load_balancing_loss(logits, ids, 4).backward()
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_router_logits_gradients_and_what_they_keep(dtype):
+    # The logits and both gradients are those of PyTorch's autograd of x.to(fp32) @ w.to(fp32)^T
+    # (fp64 for fp64 x), for x of any leading shape; but the backward keeps x in its own dtype,
+    # not the full-precision copy (128 MiB at 16384 tokens of H = 2048 in bf16).
+    full = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 16, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(4, 16, generator=gen).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = R.router_logits(x, w)
+    assert logits.dtype == full and saved == [dtype, torch.float32]
+    d_logits = torch.randn(logits.shape, generator=gen, dtype=full)
+    logits.backward(d_logits)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    expected = x2.to(full) @ w2.to(full).t()
+    expected.backward(d_logits)
+    assert torch.equal(logits, expected)
+    assert torch.allclose(x.grad.float(), x2.grad.float()) and torch.allclose(w.grad, w2.grad)
+    assert x.grad.dtype == dtype and w.grad.dtype == torch.float32
+
+
+def test_router_logits_are_twice_differentiable():
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(R.router_logits, (x, w))
+    assert torch.autograd.gradgradcheck(R.router_logits, (x, w))

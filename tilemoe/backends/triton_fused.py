@@ -10,9 +10,9 @@ autograd node each), memory-lean like SonicMoE's: the forward saves only x, the 
 and returns gradients for x, the routing weights (so the router, through PyTorch's autograd of
 the routing) and both weight tensors. One backward per forward: it reuses the saved
 pre-activation's memory (``retain_graph=True`` and a second backward raise a RuntimeError).
-``backend="auto"`` trains with it (FAST_BACKWARD): on the H200, forward + backward at 16384 tokens
-is 1.11x (OLMoE) and 1.17x (Qwen3) the grouped_mm path's speed, with 0.73x and 0.78x its training
-peak memory (examples/06_full_moe/README.md, recorded in benchmarks/results/nvidia-h200/full_moe-*).
+``backend="auto"`` trains with it (FAST_BACKWARD): on the H200, a training step at 16384 tokens
+is 1.26x (OLMoE) and 1.29x (Qwen3) the grouped_mm path's speed, with 0.50x and 0.53x its peak
+memory (examples/06_full_moe/README.md, recorded in benchmarks/results/nvidia-h200/full_moe-*).
 
 Runs on NVIDIA GPUs in bfloat16, float16 or float32 (float32 without TF32: exact fp32 products),
 and on the CPU under TRITON_INTERPRET=1 (float16/float32; Triton must be imported after the
