@@ -16,7 +16,8 @@ What it prints: one row per backend that runs here (grouped_mm, triton, cuda, so
 installed, torch on a CPU): the forward's error against the reference, forward ms, forward +
 backward ms (the gradients of x, the router and both expert weights, as inside a model), both as
 TFLOP/s (6*T*K*H*I and 18*T*K*H*I), the speedups over grouped_mm, and the peak memory a training
-step adds beyond x, the weights and their gradients (GPU only), also as a ratio to grouped_mm's. When SonicMoE runs, every row's times are also divided into SonicMoE's.
+step adds beyond x, the weights and their gradients (GPU only), also as a ratio to grouped_mm's.
+When SonicMoE runs, every row's times are also divided into SonicMoE's.
 ``--record`` writes the rows to benchmarks/results/<gpu>/full_moe-*.json (with SonicMoE's versions
 when it ran); ``--table FILE ...`` prints the README's "Measured results" from such files::
 

@@ -268,7 +268,7 @@ def backward_up(d_pre: torch.Tensor, x: torch.Tensor, routing: Routing, w_gate_u
     of that size held. consume_d_pre: release d_pre's memory once its last reader is done.
     tile_configs: (dX GEMM, weight gradient) configurations instead of ``configs.backward_rule``'s.
     """
-    num_tokens, hidden = x.shape
+    hidden = x.shape[1]
     rule = configs.backward_rule(d_pre.shape[0] / routing.num_experts)
     dx_cfg, wgrad_cfg = tile_configs or (rule[1], rule[2])
     need_x, need_gate_up = needs
