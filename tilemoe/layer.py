@@ -27,9 +27,12 @@ It owns the router weight [E, H] (fp32: logits in fp32, DESIGN.md), the experts'
 Training: ``backend="auto"`` picks the fastest backend with its own backward (on a GPU the Triton
 backward: it saves only x and the pre-activation, and is measured faster than grouped_mm's; one
 backward per forward, as it reuses the pre-activation's memory);
-keep ``load_balance_weight`` around 0.01, or the bias balancing of "sigmoid_bias". Inference: ``layer.eval()`` and ``torch.no_grad()``; without an aux loss or
-rounding the router runs fused with the backend's kernels; for decode batches wrap the weights in
-``tilemoe.graphs.GraphedMoE``.
+keep ``load_balance_weight`` around 0.01, or the bias balancing of "sigmoid_bias". Inference: ``layer.eval()`` and
+``torch.no_grad()``; for decode batches wrap the weights in ``tilemoe.graphs.GraphedMoE``.
+
+The router runs on the backend's own kernels where it has them (backends "triton" and "cuda": the
+Triton logits GEMM, top-k and metadata kernels), else on PyTorch's ops. In training the top-k
+selection stays in PyTorch, whose autograd carries the routing weights' gradient to the router.
 """
 
 from __future__ import annotations
@@ -147,17 +150,17 @@ class OptimizedMoELayer(nn.Module):
         """The routing of these tokens and, when the aux loss or rounding needs them, the logits."""
         options = self.router_options()
         rounding = self.rounding if self.training else None
+        impl = backends.resolve(self.backend, tokens.device, tokens.dtype, self.hidden_dim, self.ffn_dim,
+                                needs_grad=torch.is_grad_enabled())
+        fused = getattr(impl, "FUSED_ROUTING", False)  # the backend's own router kernels, or PyTorch's ops
         if not (need_logits or rounding or self.gradient_checkpointing):
-            impl = backends.resolve(self.backend, tokens.device, tokens.dtype, self.hidden_dim, self.ffn_dim,
-                                    needs_grad=torch.is_grad_enabled())
-            fused = getattr(impl, "FUSED_ROUTING", False)
             return route_tokens(tokens, self.router_weight, self.top_k, capacity_factor=self.capacity_factor,
                                 fused=fused, **options), None
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            logits = checkpoint(router_logits, tokens, self.router_weight, use_reentrant=False)
+            logits = checkpoint(router_logits, tokens, self.router_weight, fused=fused, use_reentrant=False)
         else:
-            logits = router_logits(tokens, self.router_weight)
-        routing = route(logits, self.top_k, capacity_factor=self.capacity_factor, **options)
+            logits = router_logits(tokens, self.router_weight, fused=fused)
+        routing = route(logits, self.top_k, capacity_factor=self.capacity_factor, fused=fused, **options)
         if rounding:
             scores = logits.sigmoid() if self.router == "sigmoid_bias" else logits.softmax(dim=-1)
             routing = round_routing(scores, routing, self.tile_size, rounding, renormalize=self.renormalize,

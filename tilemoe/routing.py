@@ -22,27 +22,44 @@ from . import checks
 SCORINGS = ("softmax", "sigmoid")
 
 
-def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+def router_logits(x: torch.Tensor, router_weight: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
     """x [T, H] @ router_weight[E, H]^T in fp32 (fp64 when x is fp64), whatever x's dtype.
 
     The router decides which expert each token meets, so it is computed in full precision:
     bf16 logits would flip near-tied top-k choices. For autograd it keeps x as it came, not its
     full-precision copy (``_RouterLogits``).
+    fused: compute them with the chapter's Triton kernel where it takes these inputs (a GPU, a
+    bf16/fp16 batch of at least ``tilemoe.triton.router.MIN_TOKENS`` tokens): fp32's accuracy from
+    the tensor cores (``router_logits_kernel``), where PyTorch's fp32 GEMM runs on the CUDA cores.
+    Otherwise PyTorch's GEMM (what the baselines measure).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return _RouterLogits.apply(x, router_weight, dtype)
+    return _RouterLogits.apply(x, router_weight, dtype, fused)
+
+
+def _logits_kernel(x: torch.Tensor, router_weight: torch.Tensor):
+    """tilemoe.triton.router when its tensor-core logits kernel takes these inputs (``router.takes``),
+    else None."""
+    if not x.is_cuda or not _triton_available(x.device):
+        return None
+    from .triton import router
+
+    return router if router.takes(x, router_weight) else None
 
 
 class _RouterLogits(torch.autograd.Function):
-    """x.to(dtype) @ w.to(dtype)^T, saving x and w in their own dtypes. PyTorch's autograd of that
-    expression would save the fp32 copy of a bf16 x until the backward: 134 MB at 16384 tokens of
-    H = 2048, held through the whole training step. Here the backward makes the copy again, for
-    the moment its product needs it."""
+    """x.to(dtype) @ w.to(dtype)^T (or, fused, the Triton kernel's logits), saving x and w in their
+    own dtypes. PyTorch's autograd of that expression would save the fp32 copy of a bf16 x until
+    the backward: 134 MB at 16384 tokens of H = 2048, held through the whole training step. Here
+    the backward makes the copy again, for the moment its product needs it."""
 
     @staticmethod
-    def forward(ctx, x, w, dtype):
+    def forward(ctx, x, w, dtype, fused):
         ctx.save_for_backward(x, w)
         ctx.dtype = dtype
+        kernel = _logits_kernel(x, w) if fused else None
+        if kernel is not None:
+            return kernel.logits(x, w)
         return x.to(dtype) @ w.to(dtype).t()
 
     @staticmethod
@@ -53,7 +70,7 @@ class _RouterLogits(torch.autograd.Function):
             dx = (d_logits @ w.to(ctx.dtype)).to(x.dtype)
         if ctx.needs_input_grad[1]:
             dw = (d_logits.reshape(-1, w.shape[0]).t() @ x.reshape(-1, w.shape[1]).to(ctx.dtype)).to(w.dtype)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
 @dataclass(frozen=True, eq=False)
@@ -377,23 +394,16 @@ def route_tokens(
 ) -> Routing:
     """``route(router_logits(x, router_weight), top_k, ...)``: the whole router of one MoE layer.
 
-    fused: where the Triton router takes x itself (a GPU or the interpreter, fp32 router weights,
-    no gradient wanted, and enough tokens for a full wave of its programs: router.MIN_WAVES), one
-    kernel computes the logits (3xTF32 products: about fp32's accuracy, not its exact rounding, so
-    a near-tie may break differently) and selects the experts: the [T, E] logits never reach
-    memory and x is never copied to fp32. Otherwise ``route(..., fused=fused)``.
+    fused: compute the logits, select the experts and build the metadata with the Triton kernels
+    where they take the inputs (``router_logits``' and ``route``'s fused). The router options are
+    checked before the logits are computed.
     """
-    options = dict(scoring=scoring, renormalize=renormalize, score_bias=score_bias, num_groups=num_groups,
-                   topk_groups=topk_groups, routed_scaling=routed_scaling)
-    router = _triton_router(x, router_weight) if fused else None
-    if router is not None and x.dim() == 2 and router.supports_tokens(x, router_weight, num_groups):
-        num_experts = router_weight.shape[0]
-        check_router_options(num_experts, top_k, scoring=scoring, score_bias=score_bias, num_groups=num_groups,
-                             topk_groups=topk_groups, routed_scaling=routed_scaling,
-                             capacity_factor=capacity_factor, device=x.device)
-        ids, weights, scores = router.select_experts(None, top_k, x=x, router_weight=router_weight, **options)
-        return _with_capacity(ids, weights, scores, num_experts, capacity_factor, fused=True)
-    return route(router_logits(x, router_weight), top_k, capacity_factor=capacity_factor, fused=fused, **options)
+    check_router_options(router_weight.shape[0], top_k, scoring=scoring, score_bias=score_bias, num_groups=num_groups,
+                         topk_groups=topk_groups, routed_scaling=routed_scaling, capacity_factor=capacity_factor,
+                         device=x.device)
+    return route(router_logits(x, router_weight, fused=fused), top_k, scoring=scoring, renormalize=renormalize,
+                 score_bias=score_bias, num_groups=num_groups, topk_groups=topk_groups,
+                 routed_scaling=routed_scaling, capacity_factor=capacity_factor, fused=fused)
 
 
 def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

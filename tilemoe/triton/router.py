@@ -1,15 +1,17 @@
-"""Top-k selection in one Triton launch: (logits,) scores, bias, groups, top-k, renormalization, scaling.
+"""The router in Triton: the logits GEMM on the tensor cores, then top-k selection in one launch.
 
 The PyTorch router (tilemoe.routing.select_experts) is about ten small operations: softmax, a
 sort of every token's E scores, a gather, a sum, a division... At a decode batch each costs more
-in launch and Python overhead than in arithmetic. This kernel does the same per token in
+in launch and Python overhead than in arithmetic. ``topk_router_kernel`` does the same per token in
 registers: BLOCK_T tokens per program, each token's E logits in one row of a [BLOCK_T, BLOCK_E]
 tile, and top-k as K rounds of "take the largest, lowest index on a tie, then mask it out": the
 same experts, in the same order, as the stable descending sort of the PyTorch router.
 
-Given x and the router weight instead of logits, the same kernel first computes the logits as a
-small GEMM in registers (3xTF32 tensor-core products, about fp32's accuracy): the [T, E] logits
-never reach memory and x is never copied to fp32.
+The logits themselves are computed in fp32 (DESIGN.md): an fp32 GEMM runs on the CUDA cores, not
+the tensor cores, which makes DeepSeek-V3's router GEMM (H = 7168, E = 256) cost milliseconds at
+prefill sizes. ``router_logits_kernel`` gets fp32's accuracy from bf16 tensor-core products instead
+(its docstring says how); ``tilemoe.routing.router_logits`` uses it on a GPU from ``MIN_TOKENS``
+tokens up, where it is faster than cuBLAS's fp32 GEMM.
 
 DeepSeek-V3's group-limited routing (num_groups / topk_groups) runs here when E is a power of two
 and divisible by num_groups (the tile is reshaped to [BLOCK_T, groups, E / groups]); ``supports``
@@ -33,35 +35,19 @@ def _argmax_lowest(values, index, BIG: tl.constexpr):
 
 @triton.jit
 def topk_router_kernel(
-    logits_ptr, router_w_ptr, bias_ptr, ids_ptr, weights_ptr, scores_ptr,
-    num_tokens, num_experts, hidden, stride_t, routed_scaling,
+    logits_ptr, bias_ptr, ids_ptr, weights_ptr, scores_ptr,
+    num_tokens, num_experts, stride_t, routed_scaling,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
     NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
-    FROM_TOKENS: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """FROM_TOKENS: logits_ptr is x [T, H] and the logits x @ router_w^T [T, E] are computed here,
-    in fp32 registers, never stored; else logits_ptr holds them."""
+    """ids, weights and scores [T, K] of the top-k experts of each token's logits [T, E]."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
     t_ok = t < num_tokens
     e_ok = e < num_experts
-    if FROM_TOKENS:
-        # x arrives in bf16/fp16: exact in fp32, and in TF32's 10-bit mantissa too, so 3xTF32
-        # products (hi*hi + hi*lo + lo*hi) of x and the fp32 weights keep about fp32's accuracy.
-        h = tl.arange(0, BLOCK_H)
-        rows = logits_ptr + t[:, None].to(tl.int64) * stride_t
-        cols = router_w_ptr + e[None, :].to(tl.int64) * hidden
-        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-        for h0 in range(0, hidden, BLOCK_H):
-            h_ok = h0 + h < hidden
-            xs = tl.load(rows + (h0 + h)[None, :], mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-            ws = tl.load(cols + (h0 + h)[:, None], mask=e_ok[None, :] & h_ok[:, None], other=0.0)
-            acc = tl.dot(xs, ws, acc, input_precision=DOT_PRECISION)
-        logits = tl.where(t_ok[:, None] & e_ok[None, :], acc, float("-inf"))
-    else:
-        logits = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :],
-                         mask=t_ok[:, None] & e_ok[None, :], other=float("-inf")).to(tl.float32)
+    logits = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_t + e[None, :],
+                     mask=t_ok[:, None] & e_ok[None, :], other=float("-inf")).to(tl.float32)
     if SIGMOID:
         scores = tl.sigmoid(logits)
     else:
@@ -117,48 +103,90 @@ def topk_router_kernel(
     tl.store(scores_ptr + out, chosen_scores, mask=ok)
 
 
+@triton.jit
+def router_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden, stride_x,
+                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+                         SPLIT_BF16: tl.constexpr):
+    """logits [T, E] fp32 = x [T, H] @ w [E, H]^T on the tensor cores, at fp32's accuracy.
+
+    SPLIT_BF16 (x in bf16): each fp32 weight is split into three bf16 pieces, w = hi + mid + lo
+    (8 significant bits each: together fp32's 24), and x meets each piece in a bf16 product. x is
+    exact in bf16 and the product of two bf16 numbers is exact in fp32, so nothing is lost before
+    the sum. Otherwise (fp16 or fp32 x) 3xTF32 products (hi*hi + hi*lo + lo*hi).
+
+    The sum needs care too. The tensor cores add products into their fp32 accumulator without
+    rounding to nearest (they cut the low bits), and over H = 7168 those small one-sided errors
+    add up to well above an fp32 GEMM's error on the CUDA cores. So each BLOCK_H slice is summed by
+    the tensor cores into a fresh accumulator, and the slices join the running total by ordinary
+    fp32 additions, which round to nearest (DeepSeek-V3 promotes its FP8 GEMMs' partial sums the
+    same way). tests/test_triton.py holds the result to cuBLAS's fp32 error against fp64.
+    """
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    h = tl.arange(0, BLOCK_H)
+    # Rows past T and experts past E repeat the last one: the loads need no row mask; never stored.
+    x_ptrs = x_ptr + tl.minimum(t, num_tokens - 1).to(tl.int64)[:, None] * stride_x + h[None, :]
+    w_ptrs = w_ptr + tl.minimum(e, num_experts - 1).to(tl.int64)[None, :] * hidden + h[:, None]  # w^T tile
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for h0 in range(0, hidden, BLOCK_H):
+        h_ok = h0 + h < hidden
+        xs = tl.load(x_ptrs, mask=h_ok[None, :], other=0.0)
+        ws = tl.load(w_ptrs, mask=h_ok[:, None], other=0.0)
+        if SPLIT_BF16:
+            hi = ws.to(tl.bfloat16)
+            rest = ws - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+            part = tl.dot(xs, lo)  # the smallest terms first
+            part = tl.dot(xs, mid, part)
+            part = tl.dot(xs, hi, part)
+        else:
+            part = tl.dot(xs.to(tl.float32), ws, input_precision="tf32x3")
+        acc += part  # rounded to nearest: the slice's sum joins the total
+        x_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
+    ok = (t < num_tokens)[:, None] & (e < num_experts)[None, :]
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * num_experts + e[None, :], acc, mask=ok)
+
+
+# With few tokens the kernel has too few programs to fill the GPU and cuBLAS's fp32 GEMM (split
+# over H) is faster. Timed on an H200 while writing it (not recorded): slower than cuBLAS at 128 to
+# 1024 tokens on all four presets, faster at 4096 and 16384 on all four.
+MIN_TOKENS = 4096
+
+
+def takes(x: torch.Tensor, router_weight: torch.Tensor) -> bool:
+    """Whether ``tilemoe.routing.router_logits`` computes these logits with ``logits``: a CUDA GPU
+    (not the interpreter: there only tests call the kernel), x [T, H] in bf16 or fp16 with
+    contiguous rows and T >= MIN_TOKENS, a contiguous fp32 router weight on the same device."""
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] >= MIN_TOKENS and x.dtype in (torch.bfloat16, torch.float16)
+            and x.stride(1) == 1 and router_weight.dtype == torch.float32 and router_weight.is_contiguous()
+            and router_weight.device == x.device)
+
+
+def logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """x [T, H] (bf16, fp16 or fp32, contiguous rows) @ router_weight [E, H]^T (fp32, contiguous):
+    the fp32 logits [T, E] (``router_logits_kernel``). The caller has checked the shapes."""
+    num_tokens, hidden = x.shape
+    num_experts = router_weight.shape[0]
+    out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+    if num_tokens == 0:
+        return out
+    block_t, block_e = 128, min(64, max(16, triton.next_power_of_2(num_experts)))
+    router_logits_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_e))](
+        x, router_weight, out, num_tokens, num_experts, hidden, x.stride(0),
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=64, SPLIT_BF16=x.dtype == torch.bfloat16,
+        num_warps=8, num_stages=3,
+    )
+    return out
+
+
 MAX_EXPERTS = 1024  # one token's E scores live in registers
 
 
 def supports(logits: torch.Tensor, num_groups: int | None) -> bool:
-    """Whether the kernel selects from these logits: fp32, and with groups E a power of two."""
-    return logits.dtype == torch.float32 and _experts_fit(logits.shape[1], num_groups)
-
-
-# Computing the logits in the kernel pays only when its programs fill the GPU: each program runs
-# its BLOCK_T tokens over all of H alone, so one token (one program) would read the whole router
-# weight on one SM, where cuBLAS spreads the same GEMM over all of them. Measured on an H200 (bench
-# rows at a94b278): slower at 1 to 4096 tokens, as fast or faster at 16384. Tests set it to 0.
-MIN_WAVES = 1.0
-
-
-def supports_tokens(x: torch.Tensor, router_weight: torch.Tensor, num_groups: int | None) -> bool:
-    """Whether the kernel computes the logits from x itself: contiguous x, fp32 router weights, and
-    enough tokens for a full wave of programs (MIN_WAVES) on x's GPU."""
-    if not (x.dtype in (torch.bfloat16, torch.float16, torch.float32) and router_weight.dtype == torch.float32
-            and x.is_contiguous() and router_weight.is_contiguous() and _experts_fit(router_weight.shape[0], num_groups)):
-        return False
-    programs = triton.cdiv(x.shape[0], _tokens_per_program(x.shape[0], router_weight.shape[0]))
-    from .ops import num_sms
-
-    sms = num_sms(x.device) if x.is_cuda else 1
-    return programs >= MIN_WAVES * sms
-
-
-def _block_e(num_experts: int) -> int:
-    return max(16, triton.next_power_of_2(num_experts))
-
-
-def _tokens_per_program(num_tokens: int, num_experts: int) -> int:
-    """A tl.dot tile: at least 16 tokens; up to 64 while the [T, E] fp32 tile stays small."""
-    return 16 if num_tokens <= 16 else max(16, min(64, 8192 // _block_e(num_experts)))
-
-
-def _logits_steps(num_experts: int) -> tuple[int, int]:
-    """(BLOCK_H, num_warps) of the logits loop: H in steps of 64 with 4 warps up to E = 128 (faster
-    than steps of 32 with 8 warps on an H200 at 16384 tokens, timed beside each other on Qwen3's
-    router); at E = 256 that weight tile spills, so steps of 32 with 8 warps."""
-    return (64, 4) if _block_e(num_experts) <= 128 else (32, 8)
+    """Whether the kernel selects from these logits: fp32 with contiguous rows, and with groups E a power of two."""
+    return logits.dtype == torch.float32 and logits.stride(1) == 1 and _experts_fit(logits.shape[1], num_groups)
 
 
 def _experts_fit(num_experts: int, num_groups: int | None) -> bool:
@@ -169,34 +197,27 @@ def _experts_fit(num_experts: int, num_groups: int | None) -> bool:
     return True
 
 
-def select_experts(logits: torch.Tensor | None, top_k: int, *, scoring: str, renormalize: bool,
+def select_experts(logits: torch.Tensor, top_k: int, *, scoring: str, renormalize: bool,
                    score_bias: torch.Tensor | None, num_groups: int | None, topk_groups: int | None,
-                   routed_scaling: float, x: torch.Tensor | None = None,
-                   router_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   routed_scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids int32 [T, K], weights fp32 [T, K], scores fp32 [T, K]): tilemoe.routing.select_experts
-    in one launch, from ``logits`` [T, E], or from ``x`` [T, H] and ``router_weight`` [E, H] (the
-    logits computed in the kernel). The caller has validated the options and checked ``supports``."""
-    from_tokens = logits is None
-    source = x if from_tokens else logits
-    num_tokens = source.shape[0]
-    num_experts = router_weight.shape[0] if from_tokens else logits.shape[1]
-    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=source.device)
-    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=source.device)
+    in one launch, from ``logits`` [T, E]. The caller has validated the options and checked ``supports``."""
+    num_tokens, num_experts = logits.shape
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     scores = torch.empty_like(weights)
     if num_tokens == 0:
         return ids, weights, scores
-    block_e = _block_e(num_experts)
-    block_t = _tokens_per_program(num_tokens, num_experts) if from_tokens else max(1, min(16, 4096 // block_e))
-    block_h, warps = _logits_steps(num_experts)
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    block_t = max(1, min(16, 4096 // block_e))
     grouped = num_groups is not None and num_groups > 1
     bias = score_bias.to(torch.float32).contiguous() if score_bias is not None else None
     topk_router_kernel[(triton.cdiv(num_tokens, block_t),)](
-        source, router_weight if from_tokens else source, bias if bias is not None else source, ids, weights, scores,
-        num_tokens, num_experts, x.shape[1] if from_tokens else 0, source.stride(0), float(routed_scaling),
+        logits, bias if bias is not None else logits, ids, weights, scores,
+        num_tokens, num_experts, logits.stride(0), float(routed_scaling),
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=block_e,
         SIGMOID=scoring == "sigmoid", HAS_BIAS=score_bias is not None, RENORMALIZE=renormalize,
         NUM_GROUPS=num_groups if grouped else 1, TOPK_GROUPS=topk_groups if grouped else 1,
-        FROM_TOKENS=from_tokens, BLOCK_H=block_h, DOT_PRECISION="tf32x3",
-        num_warps=warps if from_tokens else 4,
+        num_warps=4,
     )
     return ids, weights, scores
