@@ -82,6 +82,33 @@ def test_triton_gradients_match_the_reference_autograd(rounding, capacity_factor
         assert tilemoe.rel_error(getattr(layer, name).grad, leaves[name].grad) <= 1e-4, name
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda" or TRITON_REASON is not None, reason="the router's logits kernel runs on a CUDA GPU")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_at_prefill_size_routes_with_the_logits_kernel(checkpointing):
+    """From router.MIN_TOKENS tokens the layer's training path (aux loss, optionally the router
+    checkpointed) takes the Triton logits kernel and the Triton metadata; gradients in bf16
+    against float64 autograd."""
+    from tilemoe.triton import metadata, router
+
+    torch.manual_seed(0)
+    layer = OptimizedMoELayer(256, 128, 16, 2, backend="triton", gradient_checkpointing=checkpointing, device=DEVICE,
+                              dtype=torch.bfloat16)
+    assert layer.router_weight.dtype == torch.float32
+    x = torch.randn(router.MIN_TOKENS, 256, device=DEVICE).bfloat16().requires_grad_()
+    dy = torch.randn_like(x)
+    with mock.patch.object(router, "logits", wraps=router.logits) as kernel, \
+            mock.patch.object(metadata, "sort_by_expert", wraps=metadata.sort_by_expert) as sort:
+        y, aux = layer(x, return_aux_loss=True)
+        ((y.float() * dy.float()).sum() + aux).backward()
+    assert kernel.call_count == 1 + checkpointing and sort.call_count == 1
+    ref_y, ref_aux, leaves = reference_layer(layer, x)
+    ((ref_y * dy.double()).sum() + ref_aux).backward()
+    assert tilemoe.rel_error(y, ref_y) <= tilemoe.TOLERANCE[torch.bfloat16]
+    assert tilemoe.rel_error(x.grad, leaves["x"].grad) <= tilemoe.TOLERANCE[torch.bfloat16]
+    for name in ("router_weight", "w_gate_up", "w_down"):
+        assert tilemoe.rel_error(getattr(layer, name).grad, leaves[name].grad) <= tilemoe.TOLERANCE[torch.bfloat16], name
+
+
 def test_expert_usage_counts_every_kept_slot_until_reset():
     layer = make_layer(backend="torch", capacity_factor=0.5)
     assert layer.expert_usage.counts == [0] * 8 and layer.expert_usage.gini == 0.0

@@ -310,12 +310,12 @@ def _triton_available(device: torch.device) -> bool:
     return triton_fused.unavailable_reason(device, torch.float32, 1, 1) is None
 
 
-def _triton_router(*inputs: torch.Tensor):
-    """tilemoe.triton.router where it may take these inputs (no gradient wanted through them, Triton
+def _triton_router(logits: torch.Tensor):
+    """tilemoe.triton.router where it may take these logits (no gradient wanted through them, Triton
     compiled for their device), else None. The caller still asks it whether it ``supports`` them."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    if torch.is_grad_enabled() and logits.requires_grad:
         return None
-    if any(t.device != inputs[0].device for t in inputs) or not _triton_available(inputs[0].device):
+    if not _triton_available(logits.device):
         return None
     from .triton import router
 
@@ -398,6 +398,8 @@ def route_tokens(
     where they take the inputs (``router_logits``' and ``route``'s fused). The router options are
     checked before the logits are computed.
     """
+    if router_weight.dim() != 2:
+        checks.fail("router_weight", "shape [E, H]", list(router_weight.shape))
     check_router_options(router_weight.shape[0], top_k, scoring=scoring, score_bias=score_bias, num_groups=num_groups,
                          topk_groups=topk_groups, routed_scaling=routed_scaling, capacity_factor=capacity_factor,
                          device=x.device)

@@ -10,7 +10,7 @@ On a compute capability 9.0 GPU (a build with the 90a target) it runs the Hopper
 3. the combine: each slot's row read through the inverse permutation, weighted and summed per
    token in fp32 (tilemoe.triton.ops.combine(grouped=True); the PyTorch combine without Triton).
 
-Routing comes from the one-launch Triton router and metadata kernel (FUSED_ROUTING), like backend
+Routing comes from the Triton router and metadata kernels (FUSED_ROUTING), like backend
 "triton": no host synchronization anywhere, capturable in a CUDA graph.
 
 Elsewhere (sm_80 and up) it runs the unfused pipeline of "grouped_mm" with the persistent
@@ -34,7 +34,7 @@ from . import triton_fused
 from .common import combine, recompute_backward, swiglu
 
 NAME = "cuda"
-# moe_forward routes for this backend with the one-launch Triton router, where Triton runs.
+# moe_forward routes for this backend with the Triton router kernels (logits, top-k, metadata), where Triton runs.
 FUSED_ROUTING = True
 FAST_BACKWARD = False
 

@@ -11,8 +11,9 @@ and returns gradients for x, the routing weights (so the router, through PyTorch
 the routing) and both weight tensors. One backward per forward: it reuses the saved
 pre-activation's memory (``retain_graph=True`` and a second backward raise a RuntimeError).
 ``backend="auto"`` trains with it (FAST_BACKWARD): on the H200, a training step at 16384 tokens
-is 1.26x (OLMoE) and 1.29x (Qwen3) the grouped_mm path's speed, with 0.50x and 0.53x its peak
-memory (examples/06_full_moe/README.md, recorded in benchmarks/results/nvidia-h200/full_moe-*).
+is 1.32x (OLMoE) and 1.37x (Qwen3) the grouped_mm path's speed (0.94x and 1.02x SonicMoE's), with
+0.50x and 0.53x its peak memory (examples/06_full_moe/README.md, recorded in
+benchmarks/results/nvidia-h200/full_moe-*).
 
 Runs on NVIDIA GPUs in bfloat16, float16 or float32 (float32 without TF32: exact fp32 products),
 and on the CPU under TRITON_INTERPRET=1 (float16/float32; Triton must be imported after the
@@ -27,7 +28,7 @@ from .. import checks
 from ..routing import Routing
 
 NAME = "triton"
-# moe_forward routes for this backend with the one-launch Triton router (tilemoe/triton/router.py).
+# moe_forward routes for this backend with the Triton router kernels (tilemoe/triton/router.py, metadata.py).
 FUSED_ROUTING = True
 # Measured faster than grouped_mm's backward (see above): backend="auto" trains with it.
 FAST_BACKWARD = True

@@ -104,22 +104,30 @@ def topk_router_kernel(
 
 
 @triton.jit
+def _tf32(v):
+    """v rounded down to TF32 (10 mantissa bits: the 13 low bits of the fp32 mantissa cleared)."""
+    return (v.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def router_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden, stride_x,
-                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
-                         SPLIT_BF16: tl.constexpr):
+                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
     """logits [T, E] fp32 = x [T, H] @ w [E, H]^T on the tensor cores, at fp32's accuracy.
 
-    SPLIT_BF16 (x in bf16): each fp32 weight is split into three bf16 pieces, w = hi + mid + lo
-    (8 significant bits each: together fp32's 24), and x meets each piece in a bf16 product. x is
-    exact in bf16 and the product of two bf16 numbers is exact in fp32, so nothing is lost before
-    the sum. Otherwise (fp16 or fp32 x) 3xTF32 products (hi*hi + hi*lo + lo*hi).
+    Each fp32 weight is split into three pieces, w = hi + mid + lo, each one exact in the type the
+    tensor cores multiply x in: bf16 for a bf16 x (8 significant bits a piece: together fp32's
+    24), TF32 for an fp16 x (an fp16 number is exact in TF32: both keep 11 significant bits). x
+    meets each piece in one product, and each product is exact in fp32: nothing is lost before
+    the sum.
 
     The sum needs care too. The tensor cores add products into their fp32 accumulator without
     rounding to nearest (they cut the low bits), and over H = 7168 those small one-sided errors
     add up to well above an fp32 GEMM's error on the CUDA cores. So each BLOCK_H slice is summed by
-    the tensor cores into a fresh accumulator, and the slices join the running total by ordinary
-    fp32 additions, which round to nearest (DeepSeek-V3 promotes its FP8 GEMMs' partial sums the
-    same way). tests/test_triton.py holds the result to cuBLAS's fp32 error against fp64.
+    the tensor cores into a fresh accumulator (``part``), and the slices join the running total by
+    ordinary fp32 additions, which round to nearest (DeepSeek-V3 promotes its FP8 GEMMs' partial
+    sums the same way). tests/test_triton.py holds the result to cuBLAS's fp32 error against fp64.
+    (Triton rewrites ``acc + tl.dot(a, b)`` into ``tl.dot(a, b, acc)``, which would undo this; a
+    chain of dots whose first starts from zero is left alone.)
     """
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -132,16 +140,20 @@ def router_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden,
         h_ok = h0 + h < hidden
         xs = tl.load(x_ptrs, mask=h_ok[None, :], other=0.0)
         ws = tl.load(w_ptrs, mask=h_ok[:, None], other=0.0)
-        if SPLIT_BF16:
+        if xs.dtype == tl.bfloat16:
             hi = ws.to(tl.bfloat16)
             rest = ws - hi.to(tl.float32)
             mid = rest.to(tl.bfloat16)
             lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-            part = tl.dot(xs, lo)  # the smallest terms first
-            part = tl.dot(xs, mid, part)
-            part = tl.dot(xs, hi, part)
         else:
-            part = tl.dot(xs.to(tl.float32), ws, input_precision="tf32x3")
+            xs = xs.to(tl.float32)
+            hi = _tf32(ws)
+            rest = ws - hi
+            mid = _tf32(rest)
+            lo = rest - mid  # at most 13 significant bits; the tensor cores keep 11 of them
+        part = tl.dot(xs, lo, input_precision="tf32")  # the smallest terms first
+        part = tl.dot(xs, mid, part, input_precision="tf32")
+        part = tl.dot(xs, hi, part, input_precision="tf32")
         acc += part  # rounded to nearest: the slice's sum joins the total
         x_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
@@ -158,15 +170,17 @@ MIN_TOKENS = 4096
 def takes(x: torch.Tensor, router_weight: torch.Tensor) -> bool:
     """Whether ``tilemoe.routing.router_logits`` computes these logits with ``logits``: a CUDA GPU
     (not the interpreter: there only tests call the kernel), x [T, H] in bf16 or fp16 with
-    contiguous rows and T >= MIN_TOKENS, a contiguous fp32 router weight on the same device."""
+    contiguous rows and T >= MIN_TOKENS, a contiguous fp32 router weight [E, H] on the same device.
+    Anything else (a shape mismatch included) goes to PyTorch's GEMM, which reports it."""
     return (x.is_cuda and x.dim() == 2 and x.shape[0] >= MIN_TOKENS and x.dtype in (torch.bfloat16, torch.float16)
-            and x.stride(1) == 1 and router_weight.dtype == torch.float32 and router_weight.is_contiguous()
+            and x.stride(1) == 1 and router_weight.dtype == torch.float32 and router_weight.dim() == 2
+            and router_weight.shape[1] == x.shape[1] and router_weight.is_contiguous()
             and router_weight.device == x.device)
 
 
 def logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-    """x [T, H] (bf16, fp16 or fp32, contiguous rows) @ router_weight [E, H]^T (fp32, contiguous):
-    the fp32 logits [T, E] (``router_logits_kernel``). The caller has checked the shapes."""
+    """x [T, H] (bf16 or fp16, contiguous rows) @ router_weight [E, H]^T (fp32, contiguous): the
+    fp32 logits [T, E] (``router_logits_kernel``). The caller has checked the shapes (``takes``)."""
     num_tokens, hidden = x.shape
     num_experts = router_weight.shape[0]
     out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
@@ -175,8 +189,7 @@ def logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     block_t, block_e = 128, min(64, max(16, triton.next_power_of_2(num_experts)))
     router_logits_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_e))](
         x, router_weight, out, num_tokens, num_experts, hidden, x.stride(0),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=64, SPLIT_BF16=x.dtype == torch.bfloat16,
-        num_warps=8, num_stages=3,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=64, num_warps=8, num_stages=3,
     )
     return out
 
