@@ -348,7 +348,7 @@ def route(
     checks.check_float_tensor("logits", logits)
     if logits.dim() != 2 or logits.shape[1] == 0:
         checks.fail("logits", "shape [T, E] with E >= 1", list(logits.shape))
-    num_tokens, num_experts = logits.shape
+    num_experts = logits.shape[1]
     check_router_options(
         num_experts, top_k, scoring=scoring, score_bias=score_bias, num_groups=num_groups,
         topk_groups=topk_groups, routed_scaling=routed_scaling, capacity_factor=capacity_factor,
@@ -356,12 +356,18 @@ def route(
     )
     options = dict(scoring=scoring, renormalize=renormalize, score_bias=score_bias, num_groups=num_groups,
                    topk_groups=topk_groups, routed_scaling=routed_scaling)
+    return _route_checked(logits, top_k, options, capacity_factor, fused)
+
+
+def _route_checked(logits: torch.Tensor, top_k: int, options: dict, capacity_factor: float | None,
+                   fused: bool) -> Routing:
+    """``route`` once its arguments are checked: select the experts, apply the capacity, build the metadata."""
     router = _triton_router(logits) if fused else None
-    if router is not None and router.supports(logits, num_groups):
+    if router is not None and router.supports(logits, options["num_groups"]):
         ids, weights, scores = router.select_experts(logits, top_k, **options)
     else:
         ids, weights, scores = select_experts(logits, top_k, **options)
-    return _with_capacity(ids, weights, scores, num_experts, capacity_factor, fused)
+    return _with_capacity(ids, weights, scores, logits.shape[1], capacity_factor, fused)
 
 
 def _with_capacity(ids: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor, num_experts: int,
@@ -403,9 +409,9 @@ def route_tokens(
     check_router_options(router_weight.shape[0], top_k, scoring=scoring, score_bias=score_bias, num_groups=num_groups,
                          topk_groups=topk_groups, routed_scaling=routed_scaling, capacity_factor=capacity_factor,
                          device=x.device)
-    return route(router_logits(x, router_weight, fused=fused), top_k, scoring=scoring, renormalize=renormalize,
-                 score_bias=score_bias, num_groups=num_groups, topk_groups=topk_groups,
-                 routed_scaling=routed_scaling, capacity_factor=capacity_factor, fused=fused)
+    options = dict(scoring=scoring, renormalize=renormalize, score_bias=score_bias, num_groups=num_groups,
+                   topk_groups=topk_groups, routed_scaling=routed_scaling)
+    return _route_checked(router_logits(x, router_weight, fused=fused), top_k, options, capacity_factor, fused)
 
 
 def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

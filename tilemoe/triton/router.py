@@ -9,9 +9,9 @@ same experts, in the same order, as the stable descending sort of the PyTorch ro
 
 The logits themselves are computed in fp32 (DESIGN.md): an fp32 GEMM runs on the CUDA cores, not
 the tensor cores, which makes DeepSeek-V3's router GEMM (H = 7168, E = 256) cost milliseconds at
-prefill sizes. ``router_logits_kernel`` gets fp32's accuracy from bf16 tensor-core products instead
-(its docstring says how); ``tilemoe.routing.router_logits`` uses it on a GPU from ``MIN_TOKENS``
-tokens up, where it is faster than cuBLAS's fp32 GEMM.
+prefill sizes. ``router_logits_kernel`` gets fp32's accuracy from bf16 (or TF32) tensor-core
+products instead (its docstring says how); ``tilemoe.routing.router_logits`` uses it on a GPU from
+``MIN_TOKENS`` tokens up, where it is faster than cuBLAS's fp32 GEMM.
 
 DeepSeek-V3's group-limited routing (num_groups / topk_groups) runs here when E is a power of two
 and divisible by num_groups (the tile is reshaped to [BLOCK_T, groups, E / groups]); ``supports``
