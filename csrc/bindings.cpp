@@ -103,39 +103,41 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "grouped_gemm_hopper",
       [](std::uintptr_t a_ptr, std::uintptr_t w_ptr, std::uintptr_t offsets_ptr, std::uintptr_t c_ptr,
-         int64_t m_total, int32_t num_experts, int32_t n, int32_t k, std::uintptr_t stream, int device) {
+         int64_t m_total, int32_t num_experts, int32_t n, int32_t k, std::uintptr_t tile_counter_ptr,
+         std::uintptr_t stream, int device) {
         check(cudaSetDevice(device), "grouped_gemm_hopper: cudaSetDevice");
         check(tilemoe::launch_grouped_gemm_hopper(
                   as_ptr<const __nv_bfloat16>(a_ptr), as_ptr<const __nv_bfloat16>(w_ptr),
                   as_ptr<const int32_t>(offsets_ptr), as_ptr<__nv_bfloat16>(c_ptr), m_total, num_experts, n, k,
-                  tilemoe::HopperKernel::kAsyncStore,
+                  tilemoe::HopperKernel::kAsyncStore, as_ptr<unsigned long long>(tile_counter_ptr),
                   reinterpret_cast<cudaStream_t>(stream)),
               "grouped_gemm_hopper");
       },
       py::arg("a_ptr"), py::arg("w_ptr"), py::arg("offsets_ptr"), py::arg("c_ptr"), py::arg("m_total"),
-      py::arg("num_experts"), py::arg("n"), py::arg("k"), py::arg("stream"), py::arg("device"),
-      py::call_guard<py::gil_scoped_release>(),
+      py::arg("num_experts"), py::arg("n"), py::arg("k"), py::arg("tile_counter_ptr"), py::arg("stream"),
+      py::arg("device"), py::call_guard<py::gil_scoped_release>(),
       "Enqueue the sm_90a grouped GEMM (TMA, mbarrier ring, wgmma, warp-specialized, TMA-store "
-      "epilogue); same contract as grouped_gemm_tiled with c 16-byte aligned."
-      " Raises RuntimeError (cudaErrorNotSupported) off sm_90a.");
+      "epilogue, tiles claimed from tile_counter: two zeroed int64 on the device); same contract as "
+      "grouped_gemm_tiled with c 16-byte aligned. Raises RuntimeError (cudaErrorNotSupported) off sm_90a.");
 
   m.def(
       "moe_up_hopper",
       [](std::uintptr_t x_ptr, int64_t num_tokens, std::uintptr_t gather_ptr, std::uintptr_t w_ptr,
          std::uintptr_t offsets_ptr, std::uintptr_t act_ptr, int64_t m_total, int32_t num_experts, int32_t ffn,
-         int32_t k, std::uintptr_t stream, int device) {
+         int32_t k, std::uintptr_t tile_counter_ptr, std::uintptr_t stream, int device) {
         check(cudaSetDevice(device), "moe_up_hopper: cudaSetDevice");
         check(tilemoe::launch_moe_up_hopper(as_ptr<const __nv_bfloat16>(x_ptr), num_tokens,
                                             as_ptr<const int64_t>(gather_ptr), as_ptr<const __nv_bfloat16>(w_ptr),
                                             as_ptr<const int32_t>(offsets_ptr), as_ptr<__nv_bfloat16>(act_ptr),
-                                            m_total, num_experts, ffn, k, reinterpret_cast<cudaStream_t>(stream)),
+                                            m_total, num_experts, ffn, k, as_ptr<unsigned long long>(tile_counter_ptr),
+                                            reinterpret_cast<cudaStream_t>(stream)),
               "moe_up_hopper");
       },
       py::arg("x_ptr"), py::arg("num_tokens"), py::arg("gather_ptr"), py::arg("w_ptr"), py::arg("offsets_ptr"),
       py::arg("act_ptr"), py::arg("m_total"), py::arg("num_experts"), py::arg("ffn"), py::arg("k"),
-      py::arg("stream"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("tile_counter_ptr"), py::arg("stream"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
       "Enqueue the sm_90a up-projection: act[r] = silu(x[gather[r]] @ Wg^T) * (x[gather[r]] @ Wu^T) per "
-      "expert segment (w [E, 2I, K]: gate rows, then up rows).");
+      "expert segment (w [E, 2I, K]: gate rows, then up rows); tile_counter as grouped_gemm_hopper's.");
 
   m.def(
       "grouped_gemm_hopper_supported",

@@ -27,6 +27,12 @@
 // of the same outputs and the epilogue writes silu(gate) * up. No permuted copy of x, and the
 // [M, 2I] pre-activation never reaches memory.
 //
+// Half tiles. When an expert's last row tile holds at most 64 of its rows, the second consumer
+// warpgroup's 64 rows are all padding: it hands each stage straight back without a wgmma, and
+// the tensor cores spend that tile on the first consumer's work alone (the up-projection's
+// producer also skips copying those rows). With random routing about half of the experts end in
+// such a tile, so on average the padded rows computed and thrown away halve.
+//
 // Ragged rows. A's tensor map covers all M rows, so the last row tile of an expert also loads
 // the first rows of the next expert (or zeros past M). Row i of C depends only on row i of A,
 // so those rows produce outputs of their own that the epilogue discards: a tile never writes
@@ -61,6 +67,7 @@ constexpr int kConsumers = 2;  // consumer warpgroups, 64 of the tile's rows eac
 constexpr int kATileBytes = kBM * kBK * 2, kWTileBytes = kBN * kBK * 2;
 constexpr int kStageBytes = kATileBytes + kWTileBytes;  // what one k-step's copies deliver
 constexpr int kStoreBox = 64;                           // TMA store boxes of 64 x 64 (128-byte rows)
+constexpr int kTileSlots = 2;                           // the tile queue's slots (dynamic scheduling)
 
 // What the kernel does around the GEMM (the MoE layer's fusions; kAsyncStore kernels only):
 //   kNone:          C = A @ W^T, A's rows contiguous (the lesson's grouped GEMM).
@@ -79,6 +86,9 @@ struct FusionOperands {
 
 __host__ __device__ constexpr bool warp_specialized(HopperKernel kernel) { return kernel != HopperKernel::kTmaRing; }
 __host__ __device__ constexpr bool async_store(HopperKernel kernel) { return kernel == HopperKernel::kAsyncStore; }
+// The warp-specialized kernels take their tiles from a global counter (dynamic scheduling) and
+// run an expert's short last row tile as a half tile; kTmaRing walks a fixed stride of tiles.
+__host__ __device__ constexpr bool dynamic_tiles(HopperKernel kernel) { return warp_specialized(kernel); }
 __host__ __device__ constexpr int stages(HopperKernel kernel) { return async_store(kernel) ? 3 : 4; }
 // Output columns of a tile: SwiGLU turns W's 256 rows (gate and up) into 128 outputs.
 __host__ __device__ constexpr int out_columns(Fusion fusion) { return fusion == Fusion::kGatherSwiglu ? kBN / 2 : kBN; }
@@ -87,7 +97,8 @@ __host__ __device__ constexpr int staging_bytes(HopperKernel kernel, Fusion fusi
 }
 // 1024 bytes of slack to align the tiles (the 128-byte swizzle repeats every 1024 bytes).
 constexpr int smem_bytes(HopperKernel kernel, Fusion fusion) {
-  return 1024 + stages(kernel) * kStageBytes + staging_bytes(kernel, fusion) + 2 * stages(kernel) * 8 + kTilePrefixBytes;
+  return 1024 + stages(kernel) * kStageBytes + staging_bytes(kernel, fusion) + 2 * stages(kernel) * 8 +
+         3 * kTileSlots * 8 + kTilePrefixBytes;
 }
 constexpr int threads(HopperKernel kernel) { return 128 * (kConsumers + (warp_specialized(kernel) ? 1 : 0)); }
 
@@ -101,6 +112,9 @@ struct Shared {
   __nv_bfloat16* staging;  // kAsyncStore: per consumer, [out columns / 64][64][64] swizzled boxes
   uint64_t* full;          // [kStages]: the stage's bytes have landed
   uint64_t* empty;         // [kStages]: every consumer warp is done reading the stage
+  uint64_t* tile_full;     // [kTileSlots]: the producer posted a tile number in the slot
+  uint64_t* tile_empty;    // [kTileSlots]: every reader warp has taken it
+  int64_t* tile_slot;      // [kTileSlots]: the posted tile numbers
   int* tile_start;         // [E + 1]: the scheduler's prefix sum
 
   __device__ __forceinline__ explicit Shared(unsigned char* raw) {
@@ -110,7 +124,10 @@ struct Shared {
     staging = reinterpret_cast<__nv_bfloat16*>(aligned + kStages * kStageBytes);
     full = reinterpret_cast<uint64_t*>(aligned + kStages * kStageBytes + staging_bytes(kKernel, kFusion));
     empty = full + kStages;
-    tile_start = reinterpret_cast<int*>(empty + kStages);
+    tile_full = empty + kStages;
+    tile_empty = tile_full + kTileSlots;
+    tile_slot = reinterpret_cast<int64_t*>(tile_empty + kTileSlots);
+    tile_start = reinterpret_cast<int*>(tile_slot + kTileSlots);
   }
 };
 
@@ -128,6 +145,10 @@ struct RingPosition {
 };
 
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + __expf(-v)); }
+
+// A tile holding at most 64 of its expert's rows (an expert's last, short row tile): the second
+// consumer's rows, and in kGatherSwiglu the copies of them, are all padding and are skipped.
+__device__ __forceinline__ bool half_tile(const Tile& t) { return t.row_end - t.row_start <= kBM / kConsumers; }
 #endif  // TILEMOE_SM90A
 
 template <HopperKernel kKernel, Fusion kFusion>
@@ -135,12 +156,15 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
     grouped_gemm_hopper_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap w_map,
                                const __grid_constant__ CUtensorMap c_map, const int32_t* __restrict__ offsets,
                                __nv_bfloat16* __restrict__ c, int64_t m_total, int num_experts, int n, int k,
-                               const FusionOperands fused) {
+                               const FusionOperands fused, unsigned long long* __restrict__ tile_counter) {
   static_assert(kFusion == Fusion::kNone || async_store(kKernel), "the fusions stage their epilogue (kAsyncStore)");
 #ifdef TILEMOE_SM90A
   constexpr int kStages = stages(kKernel);
   constexpr bool kWarpSpecialized = warp_specialized(kKernel), kAsyncStore = async_store(kKernel);
   constexpr bool kGather = kFusion == Fusion::kGatherSwiglu;
+  constexpr bool kDynamic = dynamic_tiles(kKernel);
+  // Who takes each posted tile number: every consumer warp, and in kGather every producer warp.
+  constexpr int kTileReaders = kConsumers * 4 + (kGather ? 4 : 0);
   constexpr int kOutBN = out_columns(kFusion);
   using Ring = RingPosition<kStages>;
   extern __shared__ unsigned char raw[];
@@ -153,6 +177,10 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
       // kGather: thread 0's arrive with W's bytes, plus one per producer thread once its A row landed.
       mbarrier_init(&s.full[i], kGather ? 1 + 128 : 1);
       mbarrier_init(&s.empty[i], kConsumers * 4);  // one arrive per consumer warp
+    }
+    for (int i = 0; i < kTileSlots; ++i) {
+      mbarrier_init(&s.tile_full[i], 1);
+      mbarrier_init(&s.tile_empty[i], kTileReaders);
     }
     fence_barrier_init();
   }
@@ -174,6 +202,35 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
     fill.advance();
   };
 
+  // The tile queue (kDynamic). The producer's thread 0 claims tile numbers from the global
+  // counter (its first is blockIdx.x) and posts each in a slot; every reader warp takes it from
+  // there. A number past the last tile tells everyone to stop.
+  RingPosition<kTileSlots> posted, taken;
+  auto claim = [&] { return static_cast<int64_t>(atomicAdd(&tile_counter[0], 1ull)) + gridDim.x; };
+  auto post = [&](int64_t tile) {
+    mbarrier_wait(&s.tile_empty[posted.stage], posted.phase ^ 1);
+    s.tile_slot[posted.stage] = tile;
+    mbarrier_arrive(&s.tile_full[posted.stage]);  // a release: the slot's write is seen by the takers
+    posted.advance();
+  };
+  auto take = [&] {  // called by every thread of a reader warp
+    mbarrier_wait(&s.tile_full[taken.stage], taken.phase);
+    const int64_t tile = s.tile_slot[taken.stage];
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(&s.tile_empty[taken.stage]);
+    taken.advance();
+    return tile;
+  };
+  // After its last claim, thread 0 counts its CTA out; the last CTA out zeroes the counter for
+  // the next launch (every claim has been made by then).
+  auto retire = [&] {
+    __threadfence();
+    if (atomicAdd(&tile_counter[1], 1ull) == gridDim.x - 1) {
+      atomicExch(&tile_counter[0], 0ull);
+      atomicExch(&tile_counter[1], 0ull);
+    }
+  };
+
   if constexpr (kWarpSpecialized) {
     if (warpgroup == 0) {  // the producer
       setmaxnreg_dec<40>();
@@ -186,13 +243,19 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
         constexpr int kRowsPerThread = kBM / 16;
         const int piece = wg_thread % 8, first_row = wg_thread / 8;
         Ring fill;
-        for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        int64_t next = blockIdx.x;  // thread 0's: the next tile number to post
+        for (;;) {
+          if (wg_thread == 0) post(next);
+          const int64_t tile = take();
+          if (tile >= num_tiles) break;
+          if (wg_thread == 0) next = claim();
           const Tile t = locate<kBM, kOutBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
           int32_t token[kRowsPerThread];  // rows past the expert's end repeat its last row: never stored
 #pragma unroll
           for (int i = 0; i < kRowsPerThread; ++i) {
             token[i] = static_cast<int32_t>(fused.gather[min(t.row_start + first_row + 16 * i, t.row_end - 1)]);
           }
+          const int copied_rows = half_tile(t) ? kRowsPerThread / kConsumers : kRowsPerThread;
           for (int step = 0; step < k_steps; ++step) {
             mbarrier_wait(&s.empty[fill.stage], fill.phase ^ 1);
             if (wg_thread == 0) {
@@ -208,20 +271,28 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
 #pragma unroll
             for (int i = 0; i < kRowsPerThread; ++i) {
               const int r = first_row + 16 * i;
-              sm80::cp_async_16(shared_address(a_stage + swizzled<kBK>(r, piece * 8)),
-                                fused.x + static_cast<int64_t>(token[i]) * k + (in_k ? col : 0), in_k);
+              if (i < copied_rows) {
+                sm80::cp_async_16(shared_address(a_stage + swizzled<kBK>(r, piece * 8)),
+                                  fused.x + static_cast<int64_t>(token[i]) * k + (in_k ? col : 0), in_k);
+              }
             }
             cp_async_mbarrier_arrive_noinc(&s.full[fill.stage]);
             fill.advance();
           }
         }
         sm80::cp_async_wait<0>();  // leave no copy in flight behind an exited thread
+        if (wg_thread == 0) retire();
       } else if (threadIdx.x == 0) {
         Ring fill;
-        for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        for (int64_t tile = blockIdx.x;;) {
+          post(tile);
+          if (tile >= num_tiles) break;
+          const int64_t next = claim();  // claimed now, so its latency hides behind this tile's copies
           const Tile t = locate<kBM, kOutBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
           for (int step = 0; step < k_steps; ++step) load(t, step, fill);
+          tile = next;
         }
+        retire();
       }
       return;
     }
@@ -230,12 +301,22 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
 
   const int consumer = kWarpSpecialized ? warpgroup - 1 : warpgroup;  // rows 64 * consumer ... + 63
   Ring read, fill;  // fill: thread 0's copies (kTmaRing only)
-  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+  for (int64_t tile = kDynamic ? take() : blockIdx.x; tile < num_tiles; tile = kDynamic ? take() : tile + gridDim.x) {
     const Tile t = locate<kBM, kOutBN>(tile, col_tiles, s.tile_start, num_experts, offsets, m_total);
     if constexpr (!kWarpSpecialized) {
       if (threadIdx.x == 0) {
         for (int step = 0; step < min(kStages, k_steps); ++step) load(t, step, fill);
       }
+    }
+    if (kDynamic && consumer == 1 && half_tile(t)) {
+      // All 64 of this consumer's rows are past the expert's end: it only hands each stage back,
+      // so the tensor cores spend the tile on the first consumer's wgmmas alone.
+      for (int step = 0; step < k_steps; ++step) {
+        mbarrier_wait(&s.full[read.stage], read.phase);
+        if (lane == 0) mbarrier_arrive(&s.empty[read.stage]);
+        read.advance();
+      }
+      continue;
     }
 
     float acc[128];
@@ -421,7 +502,8 @@ cudaError_t encode_weights(CUtensorMap* map, const void* w, int32_t num_experts,
 template <HopperKernel kKernel, Fusion kFusion>
 cudaError_t launch(const CUtensorMap& a_map, const CUtensorMap& w_map, const CUtensorMap& c_map,
                    const int32_t* offsets, __nv_bfloat16* c, int64_t m_total, int32_t num_experts, int32_t n,
-                   int32_t k, const FusionOperands& fused, cudaStream_t stream) {
+                   int32_t k, const FusionOperands& fused, unsigned long long* tile_counter, cudaStream_t stream) {
+  if (dynamic_tiles(kKernel) && tile_counter == nullptr) return cudaErrorInvalidValue;
   int ctas = 0;
   const cudaError_t err = persistent_ctas<kKernel, kFusion>(&ctas);
   if (err != cudaSuccess) return err;
@@ -429,19 +511,21 @@ cudaError_t launch(const CUtensorMap& a_map, const CUtensorMap& w_map, const CUt
   const int64_t max_tiles = (m_total / kBM + num_experts) * col_tiles;
   const int grid = static_cast<int>(std::min<int64_t>(ctas, max_tiles));
   grouped_gemm_hopper_kernel<kKernel, kFusion><<<grid, threads(kKernel), smem_bytes(kKernel, kFusion), stream>>>(
-      a_map, w_map, c_map, offsets, c, m_total, num_experts, n, k, fused);
+      a_map, w_map, c_map, offsets, c, m_total, num_experts, n, k, fused, tile_counter);
   return cudaGetLastError();
 }
 
 template <HopperKernel kKernel>
 cudaError_t launch_plain(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t* offsets, __nv_bfloat16* c,
-                         int64_t m_total, int32_t num_experts, int32_t n, int32_t k, cudaStream_t stream) {
+                         int64_t m_total, int32_t num_experts, int32_t n, int32_t k,
+                         unsigned long long* tile_counter, cudaStream_t stream) {
   CUtensorMap a_map, w_map, c_map;  // c_map: kAsyncStore's stores, [M, N] in 64 x 64 boxes
   cudaError_t err = encode_2d(&a_map, a, m_total, k, kBM);
   if (err == cudaSuccess) err = encode_weights(&w_map, w, num_experts, n, k, kBN);
   if (err == cudaSuccess) err = encode_2d(&c_map, c, m_total, n, kStoreBox);
   if (err != cudaSuccess) return err;
-  return launch<kKernel, Fusion::kNone>(a_map, w_map, c_map, offsets, c, m_total, num_experts, n, k, {}, stream);
+  return launch<kKernel, Fusion::kNone>(a_map, w_map, c_map, offsets, c, m_total, num_experts, n, k, {}, tile_counter,
+                                        stream);
 }
 
 bool bad_sizes(int64_t m_total, int32_t num_experts, int32_t n, int32_t k) {
@@ -453,23 +537,28 @@ bool bad_sizes(int64_t m_total, int32_t num_experts, int32_t n, int32_t k) {
 
 cudaError_t launch_grouped_gemm_hopper(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t* offsets,
                                        __nv_bfloat16* c, int64_t m_total, int32_t num_experts, int32_t n,
-                                       int32_t k, HopperKernel kernel, cudaStream_t stream) {
+                                       int32_t k, HopperKernel kernel, unsigned long long* tile_counter,
+                                       cudaStream_t stream) {
   if (bad_sizes(m_total, num_experts, n, k)) return cudaErrorInvalidValue;
   if (m_total == 0) return cudaSuccess;
   switch (kernel) {
     case HopperKernel::kTmaRing:
-      return launch_plain<HopperKernel::kTmaRing>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+      return launch_plain<HopperKernel::kTmaRing>(a, w, offsets, c, m_total, num_experts, n, k, tile_counter,
+                                                 stream);
     case HopperKernel::kWarpSpecialized:
-      return launch_plain<HopperKernel::kWarpSpecialized>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+      return launch_plain<HopperKernel::kWarpSpecialized>(a, w, offsets, c, m_total, num_experts, n, k, tile_counter,
+                                                 stream);
     case HopperKernel::kAsyncStore:
-      return launch_plain<HopperKernel::kAsyncStore>(a, w, offsets, c, m_total, num_experts, n, k, stream);
+      return launch_plain<HopperKernel::kAsyncStore>(a, w, offsets, c, m_total, num_experts, n, k, tile_counter,
+                                                 stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_moe_up_hopper(const __nv_bfloat16* x, int64_t num_tokens, const int64_t* gather,
                                  const __nv_bfloat16* w_gate_up, const int32_t* offsets, __nv_bfloat16* act,
-                                 int64_t m_total, int32_t num_experts, int32_t ffn, int32_t k, cudaStream_t stream) {
+                                 int64_t m_total, int32_t num_experts, int32_t ffn, int32_t k,
+                                 unsigned long long* tile_counter, cudaStream_t stream) {
   if (bad_sizes(m_total, num_experts, ffn, k) || num_tokens < 1) return cudaErrorInvalidValue;
   if (m_total == 0) return cudaSuccess;
   CUtensorMap a_map{}, w_map, c_map;  // A is gathered by cp.async: no map
@@ -481,7 +570,7 @@ cudaError_t launch_moe_up_hopper(const __nv_bfloat16* x, int64_t num_tokens, con
   fused.gather = gather;
   fused.up_row = ffn;
   return launch<HopperKernel::kAsyncStore, Fusion::kGatherSwiglu>(a_map, w_map, c_map, offsets, act, m_total,
-                                                                   num_experts, ffn, k, fused, stream);
+                                                                   num_experts, ffn, k, fused, tile_counter, stream);
 }
 
 cudaError_t grouped_gemm_hopper_supported() {

@@ -130,6 +130,8 @@ RAGGED = {  # name: (rows per expert, N, K)
     "not-tile-multiple": ([129, 127, 1, 255, 0, 300, 64, 2], 200, 520),
     "narrow": ([5, 131, 9], 8, 8),
     "many-experts": ([3 * (e % 5) for e in range(256)], 64, 96),   # 256 experts, some empty
+    # last row tiles of 64 rows (half tiles: the second consumer warpgroup idles) and of 65
+    "half-tile-edges": ([64, 65, 192, 193], 512, 256),
 }
 
 

@@ -102,6 +102,9 @@ RAGGED = {
     "single-row": ([0, 1], 1, 64, 64),
     "narrow": ([5, 131, 9], 40, 8, 8),
     "many-experts": ([3 * (e % 5) for e in range(256)], 200, 64, 96),
+    # last row tiles of 64 rows (half tiles: neither the producer's copies nor the second
+    # consumer's wgmmas run for rows 64..127) and of 65
+    "half-tile-edges": ([64, 65, 192, 193], 400, 256, 192),
 }
 
 

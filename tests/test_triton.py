@@ -78,6 +78,39 @@ def test_every_tile_shape_and_launch_on_ragged_shapes(block_m, persistent, tma):
     check(x, w, top_k, routing, tile_configs=(cfg, cfg))
 
 
+
+@needs_triton
+@pytest.mark.parametrize("tma", [False, True])
+def test_half_height_tiles_take_the_small_expert_tails(tma):
+    # 128-row tiles: expert 0's 158 rows end in a 30-row block and expert 3's 64 rows are one block
+    # of exactly half a tile (half-height tiles); expert 1's 228 rows end in 100 rows and expert 4's
+    # 65 rows are one block of just over half (full tiles); expert 2 is empty.
+    counts = [158, 228, 0, 64, 65]
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(4))][:, None]
+    w = make_weights(40, 24, len(counts), device=DEVICE, seed=5)
+    x = torch.randn(ids.shape[0], 40, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    routing = forced_routing(ids.to(DEVICE), len(counts), seed=2)
+    cfg = tile(128, 16, 32, False, tma)
+    ops_mod, _ = ops()
+    real = ops_mod.grouped_gemm_kernel
+    half = []
+
+    class Spy:  # records the HALF_TAILS flag of each launch, then launches the real kernel
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                half.append(kwargs["HALF_TAILS"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    off = type(cfg)(**{**cfg.as_dict(), "half_tails": False})
+    persistent = tile(128, 16, 32, True, tma)  # a persistent launch keeps whole tiles (configs.uses_half_tails)
+    with mock.patch.object(ops_mod, "grouped_gemm_kernel", Spy()):
+        check(x, w, 1, routing, tile_configs=(cfg, cfg), store_pre=True)
+        check(x, w, 1, routing, tile_configs=(off, off))
+        check(x, w, 1, routing, tile_configs=(persistent, persistent))
+    assert half == [True, True, False, False, False, False]
+
 def tma_possible() -> bool:
     ops_mod, _ = ops()
     return ops_mod.interpreted() or torch.cuda.get_device_capability()[0] >= 9

@@ -91,13 +91,14 @@ def test_dropped_slots_by_capacity_and_rounding_get_no_gradient():
 
 
 @needs_triton
-@pytest.mark.parametrize("block_m,tma", [(16, False), (32, True)])
+@pytest.mark.parametrize("block_m,tma", [(16, False), (32, True), (128, False), (128, True)])
 def test_every_backward_tile_shape_on_ragged_shapes(block_m, tma):
     # H = 40 and I = 24 are not multiples of the 16-column tiles or of BLOCK_K = 32, and expert 3's
     # 71 rows are not a multiple of BLOCK_R = 16: every mask of the backward kernels is used.
     # With tma, the transposed weights are read through 3-D descriptors: past an expert's K rows they
     # read zeros, not the next expert's rows (0 * inf would be NaN); and the weight gradients read
-    # their in-place operand by TMA.
+    # their in-place operand by TMA. At block_m = 128, experts 0, 2 and 5 (fewer than 64 rows) take
+    # the half-height tiles and expert 3 (71 rows) a full one.
     ops_mod, configs = ops()
     num_experts, top_k = 6, 2
     w = make_weights(40, 24, num_experts, device=DEVICE, seed=2)

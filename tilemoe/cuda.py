@@ -216,7 +216,7 @@ def grouped_gemm(
         _C.grouped_gemm_naive(a.data_ptr(), w.data_ptr(), host_offsets, out.data_ptr(), n, k, stream, a.device.index)
     elif variant == "hopper":
         _C.grouped_gemm_hopper(a.data_ptr(), w.data_ptr(), offsets.data_ptr(), out.data_ptr(), rows, num_experts,
-                               n, k, stream, a.device.index)
+                               n, k, _tile_counter(a.device).data_ptr(), stream, a.device.index)
     else:
         _C.grouped_gemm_tiled(a.data_ptr(), w.data_ptr(), offsets.data_ptr(), out.data_ptr(), rows, num_experts,
                               n, k, stream, a.device.index)
@@ -356,9 +356,16 @@ def moe_up(x: torch.Tensor, w_gate_up: torch.Tensor, offsets: torch.Tensor, gath
     act = _out(out, (rows, ffn), x)
     if rows and num_tokens:
         _C.moe_up_hopper(x.data_ptr(), num_tokens, gather.data_ptr(), w_gate_up.data_ptr(), offsets.data_ptr(),
-                         act.data_ptr(), rows, num_experts, ffn, k, torch.cuda.current_stream(x.device).cuda_stream,
-                         x.device.index)
+                         act.data_ptr(), rows, num_experts, ffn, k, _tile_counter(x.device).data_ptr(),
+                         torch.cuda.current_stream(x.device).cuda_stream, x.device.index)
     return act
+
+
+def _tile_counter(device: torch.device) -> torch.Tensor:
+    """Two zeroed int64 on the device, where a Hopper kernel's CTAs claim their tiles (its dynamic
+    scheduler). A fresh pair per launch: PyTorch's stream-ordered allocator hands the memory to a
+    later launch only after this one, so launches on different streams never share a counter."""
+    return torch.zeros(2, dtype=torch.int64, device=device)
 
 
 def _check_offsets(values: list[int], rows: int, *, exact: bool = True) -> None:

@@ -47,6 +47,7 @@ struct Problem {
   const __nv_bfloat16* w;             // [experts, n, k]
   const int32_t* offsets;             // device copy of host_offsets
   __nv_bfloat16* c;                   // [rows, n]
+  unsigned long long* tile_counter;   // [2], zeroed: the Hopper kernels' dynamic tile scheduler
 };
 
 using Launch = std::function<cudaError_t(const Problem&, cudaStream_t)>;
@@ -244,6 +245,9 @@ inline Setup make_problem(const Options& o, const char* what) {
   CUDA_CHECK(cudaMalloc(&s.ref, std::max<int64_t>(c_count, 1) * sizeof(float)));
   CUDA_CHECK(cudaMalloc(&offsets, (o.experts + 1) * sizeof(int32_t)));
   CUDA_CHECK(cudaMemcpy(offsets, p.host_offsets.data(), (o.experts + 1) * sizeof(int32_t), cudaMemcpyHostToDevice));
+  // The kernels leave the counter zero when they finish, so one pair serves every launch here.
+  CUDA_CHECK(cudaMalloc(&p.tile_counter, 2 * sizeof(unsigned long long)));
+  CUDA_CHECK(cudaMemset(p.tile_counter, 0, 2 * sizeof(unsigned long long)));
   fill_uniform<<<1024, 256>>>(a, a_count, 1.0f, o.seed * 2 + 1);
   fill_uniform<<<1024, 256>>>(w, w_count, 1.0f / std::sqrt(static_cast<float>(o.k)), o.seed * 2 + 2);
   CUDA_CHECK(cudaGetLastError());
@@ -336,7 +340,7 @@ inline double tflops(const Problem& p, float ms) { return 2.0 * static_cast<doub
 inline void release(Setup& s) {
   for (const void* ptr : {static_cast<const void*>(s.p.a), static_cast<const void*>(s.p.w),
                           static_cast<const void*>(s.p.c), static_cast<const void*>(s.ref),
-                          static_cast<const void*>(s.p.offsets)}) {
+                          static_cast<const void*>(s.p.offsets), static_cast<const void*>(s.p.tile_counter)}) {
     CUDA_CHECK(cudaFree(const_cast<void*>(ptr)));
   }
   CUDA_CHECK(cudaStreamDestroy(s.stream));

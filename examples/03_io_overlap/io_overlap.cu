@@ -34,7 +34,8 @@ struct Rung {
 
 example::Launch hopper(tilemoe::HopperKernel kernel) {
   return [kernel](const example::Problem& p, cudaStream_t stream) {
-    return tilemoe::launch_grouped_gemm_hopper(p.a, p.w, p.offsets, p.c, p.rows, p.experts, p.n, p.k, kernel, stream);
+    return tilemoe::launch_grouped_gemm_hopper(p.a, p.w, p.offsets, p.c, p.rows, p.experts, p.n, p.k, kernel,
+                                               p.tile_counter, stream);
   };
 }
 

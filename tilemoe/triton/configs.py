@@ -6,6 +6,8 @@ launch is persistent (a few programs per SM looping over tiles) or one program p
 
 ``tma`` loads the weight tiles (and the down-projection's A tiles, which are contiguous rows) with
 Hopper's Tensor Memory Accelerator; the gathered rows of x are always loaded by pointer.
+``half_tails`` runs an expert's last row block, when it holds at most half a tile, as a half-height
+tile (``grouped_gemm_kernel``'s HALF_TAILS).
 
 The rule follows the rows each expert gets, m = T*K/E on average:
 - decode (m <= 16): a 16-row tile, the smallest tl.dot takes; the GEMM reads each touched expert's
@@ -27,6 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 
 TUNED_DIR = Path(__file__).parent / "tuned"
+HALF_TAIL_MIN_M = 128  # the smallest BLOCK_M whose expert-tail blocks run as half tiles
 _TMA_ON = contextvars.ContextVar("tilemoe_triton_tma", default=True)
 
 
@@ -56,6 +59,20 @@ class TileConfig:
     num_stages: int = 3
     persistent: bool = False
     tma: bool = False  # weights (and the down-projection's rows) loaded by TMA descriptors, where allowed
+    half_tails: bool = True  # short last row blocks run as half-height tiles, where uses_half_tails allows
+
+    def uses_half_tails(self, rows_full: bool) -> bool:
+        """Whether the kernel takes the half-height branch for row blocks of at most block_m / 2 rows:
+        - only for tiles of at least HALF_TAIL_MIN_M rows (half of a 128-row tile still fills the
+          Hopper tensor cores' 64-row instruction);
+        - only in a launch of one program per tile. The GPU starts programs in tile order as SMs
+          free up, so the tiles running at once stay neighbours that share weight tiles in L2. A
+          persistent program walks a fixed stride of tiles: with tiles of unequal length the
+          programs drift apart, and on the H200 that cost more than the half tiles saved
+          (benchmarks/README.md);
+        - never for a routing rounded to the tile (no block is partial)."""
+        return (self.half_tails and self.block_m >= HALF_TAIL_MIN_M and not self.persistent
+                and not rows_full)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -78,8 +78,112 @@ def schedule_kernel(counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, nu
 
 
 @triton.jit
+def _gemm_tile(
+    a_ptr, w_ptr, c_ptr, pre_ptr, gather_ptr, slot_ptr, scale_ptr,
+    expert, row_start, row_end, pid_n, N, K,
+    stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_pm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, SCATTER_C: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
+    ROWS_FULL: tl.constexpr, EVEN_N: tl.constexpr, W_KN: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_N output tile of ``grouped_gemm_kernel``: rows row_start.. of expert
+    ``expert`` (those at or past row_end are computed from a repeated row and not stored)."""
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    if ROWS_FULL:
+        rows_in = rows
+    else:
+        # Rows past the expert's segment repeat its last row: every load stays in bounds and
+        # unmasked; those rows are simply not stored.
+        rows_in = tl.minimum(rows, row_end - 1)
+    if GATHER_A:
+        a_rows = tl.load(gather_ptr + rows_in).to(tl.int64)
+    else:
+        a_rows = rows_in.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EVEN_N:
+        cols_in = cols.to(tl.int64)  # unclamped, so the compiler sees contiguous columns (W_KN)
+    else:
+        cols_in = tl.minimum(cols, N - 1).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+
+    if not A_TMA:
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
+    if W_TMA and W_KN:
+        w_expert = expert.to(tl.int32)
+    elif W_TMA:
+        w_row = (expert * (stride_we // stride_wn) + pid_n * BLOCK_N).to(tl.int32)  # first row in w as [E*rows, K]
+    else:
+        w_ptrs = w_ptr + expert * stride_we + cols_in[None, :] * stride_wn + ks[:, None] * stride_wk  # W^T tile [BK, BN]
+        if SWIGLU:
+            up_ptrs = w_ptrs + N * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWIGLU:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = ks < K - k * BLOCK_K
+        if A_TMA:
+            a = a_ptr.load([row_start, k * BLOCK_K])
+        elif EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        if W_TMA and W_KN:
+            w = w_ptr.load([w_expert, k * BLOCK_K, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+        elif W_TMA:
+            w = w_ptr.load([w_row, k * BLOCK_K]).T
+        elif EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if SWIGLU:
+            if W_TMA:
+                u = w_ptr.load([w_row + N, k * BLOCK_K]).T
+            elif EVEN_K:
+                u = tl.load(up_ptrs)
+            else:
+                u = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
+            acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
+            if not W_TMA:
+                up_ptrs += BLOCK_K * stride_wk
+        if not A_TMA:
+            a_ptrs += BLOCK_K
+        if not W_TMA:
+            w_ptrs += BLOCK_K * stride_wk
+
+    store_ok = row_ok[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)
+    if SWIGLU:
+        if STORE_PRE:
+            pre = pre_ptr + rows64[:, None] * stride_pm + cols[None, :]
+            if ROWS_FULL and EVEN_N:
+                tl.store(pre, acc.to(pre_ptr.dtype.element_ty))
+                tl.store(pre + N, acc_up.to(pre_ptr.dtype.element_ty))
+            else:
+                tl.store(pre, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
+                tl.store(pre + N, acc_up.to(pre_ptr.dtype.element_ty), mask=store_ok)
+        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
+    if SCATTER_C or SCALE_ROWS:
+        slots = tl.load(slot_ptr + rows_in)
+    if SCALE_ROWS:
+        acc = acc * tl.load(scale_ptr + slots).to(tl.float32)[:, None]
+    if SCATTER_C:
+        out_rows = slots.to(tl.int64)
+    else:
+        out_rows = rows64
+    c_ptrs = c_ptr + out_rows[:, None] * stride_cm + cols[None, :]
+    if ROWS_FULL and EVEN_N:  # a tile-aligned routing: every row and column of the tile is real
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty))
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
 def grouped_gemm_kernel(
-    a_ptr, w_ptr, c_ptr, pre_ptr,
+    a_ptr, a_half_ptr, w_ptr, c_ptr, pre_ptr,
     gather_ptr, slot_ptr, scale_ptr,
     block_expert_ptr, block_row_ptr, offsets_ptr, num_blocks_ptr,
     N, K,
@@ -90,6 +194,7 @@ def grouped_gemm_kernel(
     SCALE_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
     FLATTEN: tl.constexpr, ROWS_FULL: tl.constexpr, EVEN_N: tl.constexpr, W_KN: tl.constexpr,
+    HALF_TAILS: tl.constexpr,
 ):
     """C[rows of expert e] = epilogue(A[rows] @ W[e]^T) over the row blocks of schedule_kernel.
 
@@ -112,6 +217,11 @@ def grouped_gemm_kernel(
 
     ROWS_FULL: every expert's row count is a multiple of BLOCK_M (a routing rounded to the tile),
     so every row block is full; with EVEN_N (N a multiple of BLOCK_N) too, the stores need no mask.
+
+    HALF_TAILS: a row block of at most BLOCK_M / 2 rows (an expert's last, when its count leaves a
+    small remainder) runs as a BLOCK_M / 2-row tile. With random routing about half of the experts
+    end in such a block, so on average the padded rows that are computed and thrown away halve.
+    Both tile heights are compiled into the kernel; each tile takes one branch.
     """
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_blocks = tl.load(num_blocks_ptr)
@@ -128,95 +238,20 @@ def grouped_gemm_kernel(
         expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         row_start = tl.load(block_row_ptr + pid_m)
         row_end = tl.load(offsets_ptr + expert + 1)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        if ROWS_FULL:
-            rows_in = rows
+        if HALF_TAILS and row_end - row_start <= BLOCK_M // 2:
+            # The expert's last row block holds at most half a tile: a half-height tile does it
+            # with half the MMA work (a_half_ptr: A's descriptor with half-height boxes, or A).
+            _gemm_tile(a_half_ptr, w_ptr, c_ptr, pre_ptr, gather_ptr, slot_ptr, scale_ptr,
+                       expert, row_start, row_end, pid_n, N, K,
+                       stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_pm,
+                       BLOCK_M // 2, BLOCK_N, BLOCK_K, GATHER_A, SWIGLU, STORE_PRE, SCATTER_C, SCALE_ROWS,
+                       EVEN_K, DOT_PRECISION, A_TMA, W_TMA, ROWS_FULL, EVEN_N, W_KN)
         else:
-            # Rows past the expert's segment repeat its last row: every load stays in bounds and
-            # unmasked; those rows are simply not stored.
-            rows_in = tl.minimum(rows, row_end - 1)
-        if GATHER_A:
-            a_rows = tl.load(gather_ptr + rows_in).to(tl.int64)
-        else:
-            a_rows = rows_in.to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if EVEN_N:
-            cols_in = cols.to(tl.int64)  # unclamped, so the compiler sees contiguous columns (W_KN)
-        else:
-            cols_in = tl.minimum(cols, N - 1).to(tl.int64)
-        ks = tl.arange(0, BLOCK_K)
-
-        if not A_TMA:
-            a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
-        if W_TMA and W_KN:
-            w_expert = expert.to(tl.int32)
-        elif W_TMA:
-            w_row = (expert * (stride_we // stride_wn) + pid_n * BLOCK_N).to(tl.int32)  # first row in w as [E*rows, K]
-        else:
-            w_ptrs = w_ptr + expert * stride_we + cols_in[None, :] * stride_wn + ks[:, None] * stride_wk  # W^T tile [BK, BN]
-            if SWIGLU:
-                up_ptrs = w_ptrs + N * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if SWIGLU:
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_ok = ks < K - k * BLOCK_K
-            if A_TMA:
-                a = a_ptr.load([row_start, k * BLOCK_K])
-            elif EVEN_K:
-                a = tl.load(a_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            if W_TMA and W_KN:
-                w = w_ptr.load([w_expert, k * BLOCK_K, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
-            elif W_TMA:
-                w = w_ptr.load([w_row, k * BLOCK_K]).T
-            elif EVEN_K:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-            if SWIGLU:
-                if W_TMA:
-                    u = w_ptr.load([w_row + N, k * BLOCK_K]).T
-                elif EVEN_K:
-                    u = tl.load(up_ptrs)
-                else:
-                    u = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
-                acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
-                if not W_TMA:
-                    up_ptrs += BLOCK_K * stride_wk
-            if not A_TMA:
-                a_ptrs += BLOCK_K
-            if not W_TMA:
-                w_ptrs += BLOCK_K * stride_wk
-
-        store_ok = row_ok[:, None] & (cols < N)[None, :]
-        rows64 = rows.to(tl.int64)
-        if SWIGLU:
-            if STORE_PRE:
-                pre = pre_ptr + rows64[:, None] * stride_pm + cols[None, :]
-                if ROWS_FULL and EVEN_N:
-                    tl.store(pre, acc.to(pre_ptr.dtype.element_ty))
-                    tl.store(pre + N, acc_up.to(pre_ptr.dtype.element_ty))
-                else:
-                    tl.store(pre, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
-                    tl.store(pre + N, acc_up.to(pre_ptr.dtype.element_ty), mask=store_ok)
-            acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
-        if SCATTER_C or SCALE_ROWS:
-            slots = tl.load(slot_ptr + rows_in)
-        if SCALE_ROWS:
-            acc = acc * tl.load(scale_ptr + slots).to(tl.float32)[:, None]
-        if SCATTER_C:
-            out_rows = slots.to(tl.int64)
-        else:
-            out_rows = rows64
-        c_ptrs = c_ptr + out_rows[:, None] * stride_cm + cols[None, :]
-        if ROWS_FULL and EVEN_N:  # a tile-aligned routing: every row and column of the tile is real
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty))
-        else:
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=store_ok)
+            _gemm_tile(a_ptr, w_ptr, c_ptr, pre_ptr, gather_ptr, slot_ptr, scale_ptr,
+                       expert, row_start, row_end, pid_n, N, K,
+                       stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_pm,
+                       BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, SWIGLU, STORE_PRE, SCATTER_C, SCALE_ROWS,
+                       EVEN_K, DOT_PRECISION, A_TMA, W_TMA, ROWS_FULL, EVEN_N, W_KN)
 
 
 @triton.jit

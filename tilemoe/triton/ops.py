@@ -135,7 +135,10 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     w_stored = w.transpose(1, 2) if w_kn else w  # the contiguous tensor behind w
     w_tma = config.tma and configs.tma_on() and tma_allowed(w_stored)
     a_tma = w_tma and gather is None and tma_allowed(a)
+    rows_full = routing.row_multiple % config.block_m == 0
+    half_tails = config.uses_half_tails(rows_full)
     a_arg = TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]) if a_tma else a
+    a_half = TensorDescriptor.from_tensor(a, [config.block_m // 2, config.block_k]) if a_tma and half_tails else a_arg
     if not w_tma:
         w_arg = w
     elif w_kn:
@@ -143,7 +146,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     else:
         w_arg = TensorDescriptor.from_tensor(w.view(-1, k), [config.block_n, config.block_k])
     grouped_gemm_kernel[(programs,)](
-        a_arg, w_arg, out, pre if pre is not None else out,
+        a_arg, a_half, w_arg, out, pre if pre is not None else out,
         gather if gather is not None else dummy, routing.sorted_slots,
         scale if scale is not None else dummy,
         schedule.expert, schedule.row, routing.offsets, schedule.num_blocks,
@@ -155,7 +158,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
         SCALE_ROWS=scale is not None,
         EVEN_K=k % config.block_k == 0, DOT_PRECISION=dot_precision(a.dtype),
         A_TMA=a_tma, W_TMA=w_tma, FLATTEN=config.persistent and not interpreted(),
-        ROWS_FULL=routing.row_multiple % config.block_m == 0, EVEN_N=n % config.block_n == 0, W_KN=w_kn,
+        ROWS_FULL=rows_full, EVEN_N=n % config.block_n == 0, W_KN=w_kn, HALF_TAILS=half_tails,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

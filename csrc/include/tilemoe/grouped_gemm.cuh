@@ -47,7 +47,8 @@ cudaError_t launch_grouped_gemm_pipelined(const __nv_bfloat16* a, const __nv_bfl
                                           cudaStream_t stream);
 
 // The Hopper kernels (csrc/grouped_gemm_hopper.cu, sm_90a): TMA loads into an mbarrier ring of
-// shared-memory stages, wgmma, 128 x 256 tiles, the tiled kernel's persistent scheduler.
+// shared-memory stages, wgmma, 128 x 256 tiles, the tiled kernel's tile order (kTmaRing walks it
+// at a fixed stride; the warp-specialized kernels claim tiles from a counter in that order).
 enum class HopperKernel {
   kTmaRing,          // two compute warpgroups; one of their threads also issues the copies
   kWarpSpecialized,  // plus a producer warpgroup that only issues copies, running ahead across tiles
@@ -56,9 +57,13 @@ enum class HopperKernel {
 // Same contract as launch_grouped_gemm_tiled, with m_total <= INT32_MAX (TMA coordinates are
 // 32-bit) and c 16-byte aligned. Returns cudaErrorNotSupported on a GPU other than compute
 // capability 9.0, or when this library was built without the sm_90a target.
+// tile_counter: two 64-bit integers on the device, zero at launch, where the warp-specialized
+// kernels' CTAs claim their tiles (dynamic scheduling); the kernel leaves them zero again, so
+// launches in order on one stream can share a pair. kTmaRing ignores it (nullptr is fine there).
 cudaError_t launch_grouped_gemm_hopper(const __nv_bfloat16* a, const __nv_bfloat16* w, const int32_t* offsets,
                                        __nv_bfloat16* c, int64_t m_total, int32_t num_experts, int32_t n,
-                                       int32_t k, HopperKernel kernel, cudaStream_t stream);
+                                       int32_t k, HopperKernel kernel, unsigned long long* tile_counter,
+                                       cudaStream_t stream);
 
 // The MoE layer's up-projection with its memory traffic fused (sm_90a: the kAsyncStore kernel
 // with a gathering producer and a SwiGLU epilogue; same scheduler, offsets and limits as above):
@@ -66,10 +71,11 @@ cudaError_t launch_grouped_gemm_hopper(const __nv_bfloat16* a, const __nv_bfloat
 // for every grouped row r of expert e, where Wg_e / Wu_e are rows 0..I-1 / I..2I-1 of
 // w_gate_up[e] [2I, K]. x's rows are read through gather ([m_total] int64 token indices in
 // [0, num_tokens)): no permuted copy of x. act is [m_total, I], written for rows offsets[0] ..
-// offsets[E] - 1.
+// offsets[E] - 1. tile_counter as above.
 cudaError_t launch_moe_up_hopper(const __nv_bfloat16* x, int64_t num_tokens, const int64_t* gather,
                                  const __nv_bfloat16* w_gate_up, const int32_t* offsets, __nv_bfloat16* act,
-                                 int64_t m_total, int32_t num_experts, int32_t ffn, int32_t k, cudaStream_t stream);
+                                 int64_t m_total, int32_t num_experts, int32_t ffn, int32_t k,
+                                 unsigned long long* tile_counter, cudaStream_t stream);
 
 // cudaSuccess when the current device can run the Hopper kernels above, else the reason.
 cudaError_t grouped_gemm_hopper_supported();
