@@ -219,7 +219,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 def table_markdown(files: list) -> str:
     """The README's tables for recorded runs: per preset, one row per token count, one column per
-    variant (ms and the speedup over grouped_mm in the same run)."""
+    variant (ms and the speedup over grouped_mm in the same run); where SonicMoE ran, the speed of
+    the chapter's triton and cuda layers relative to it, in the same run (above 1: faster)."""
     parts = []
     for path in map(Path, files):
         run = json.loads(path.read_text())
@@ -231,14 +232,18 @@ def table_markdown(files: list) -> str:
                      f"Cells: ms, and in parentheses the speedup over `{run['baseline']}` in the same run; "
                      "floor = the larger of the dense GEMM pair and the weights read.")
         variants = [v for v in VARIANTS if v not in FLOORS and any(r["variant"] == v for r in rows)]
+        versus_sonic = [v for v in ("triton", "cuda") if v in variants and "sonicmoe" in variants]
         for preset in dict.fromkeys(r["preset"] for r in rows):
             cfg = tilemoe.get_preset(preset)
             lines = [f"**{preset}** (H={cfg.hidden}, I={cfg.ffn}, E={cfg.experts}, K={cfg.top_k})", "",
-                     "| tokens | " + " | ".join(variants) + " | floor ms | triton % of floor |",
-                     "|---" * (len(variants) + 3) + "|"]
+                     "| tokens | " + " | ".join(variants + [f"{v} vs sonicmoe" for v in versus_sonic])
+                     + " | floor ms | triton % of floor |",
+                     "|---" * (len(variants) + len(versus_sonic) + 3) + "|"]
             for tokens in dict.fromkeys(r["tokens"] for r in rows if r["preset"] == preset):
                 same = {r["variant"]: r for r in rows if r["preset"] == preset and r["tokens"] == tokens}
                 cells = [f"{same[v]['ms']:.3f} ({same[v]['vs grouped_mm']:.2f}x)" if v in same else "-" for v in variants]
+                cells += [f"{same['sonicmoe']['ms'] / same[v]['ms']:.2f}x" if v in same and "sonicmoe" in same else "-"
+                          for v in versus_sonic]
                 floor = max((same[f]["ms"] for f in FLOORS if f in same), default=None)
                 pct = f"{same['triton']['% of floor']:.0f}%" if "triton" in same and floor else "-"
                 lines.append(f"| {tokens} | " + " | ".join(cells) + f" | {floor:.3f} | {pct} |" if floor else

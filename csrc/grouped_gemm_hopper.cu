@@ -3,9 +3,10 @@
 // that only moves data while two consumer warpgroups only compute.
 //
 // The tile is 128 x 256 outputs, k-steps of 64. Each stage holds A's 128 x 64 slice (16 KB) and
-// W's 256 x 64 slice (32 KB). The tile scheduler is the tiled kernel's
+// W's 256 x 64 slice (32 KB). The tile order is the tiled kernel's
 // (tilemoe/tile_scheduler.cuh): persistent CTAs, a device-side prefix sum of the experts' row
-// tiles, a grouped L2 order. Three kernels, lesson 3's last three rungs:
+// tiles, a grouped L2 order; the warp-specialized kernels take their tiles in that order from a
+// queue (below). Three kernels, lesson 3's last three rungs:
 //
 //   kTmaRing:         two warpgroups compute; thread 0 also issues the TMA copies, kStages k-steps
 //                     ahead (4 stages, 192 KB). It refills a stage once every warp has finished
@@ -27,11 +28,21 @@
 // of the same outputs and the epilogue writes silu(gate) * up. No permuted copy of x, and the
 // [M, 2I] pre-activation never reaches memory.
 //
-// Half tiles. When an expert's last row tile holds at most 64 of its rows, the second consumer
-// warpgroup's 64 rows are all padding: it hands each stage straight back without a wgmma, and
-// the tensor cores spend that tile on the first consumer's work alone (the up-projection's
-// producer also skips copying those rows). With random routing about half of the experts end in
-// such a tile, so on average the padded rows computed and thrown away halve.
+// Half tiles (warp-specialized kernels). When an expert's last row tile holds at most 64 of its
+// rows, the second consumer warpgroup's 64 rows are all padding: it hands each stage straight
+// back without a wgmma, and the tensor cores spend that tile on the first consumer's work alone
+// (the up-projection's producer also skips copying those rows). With random routing about half
+// of the experts end in such a tile, so on average the padded rows computed and thrown away halve.
+//
+// A tile queue (warp-specialized kernels). kTmaRing's CTAs walk tiles at a fixed stride (CTA i:
+// tiles i, i + gridDim.x, ...), which keeps them in step only while every tile costs the same.
+// With half tiles they drift apart, the tiles running at once stop being neighbours in the
+// grouped L2 order, and W's tiles are fetched from HBM again and again (Nsight Compute, DeepSeek-V3's
+// up-projection: about twice the bytes). So the producer's thread 0 claims each next tile from
+// a global counter (atomicAdd: whichever CTA is free takes the next tile in order) and posts the
+// number in a shared-memory slot; the consumers (and, gathering, the producer warps) take it from
+// there, guarded by a full and an empty mbarrier per slot like the stages. A number past the last
+// tile ends the kernel; the last CTA to finish zeroes the counter for the next launch.
 //
 // Ragged rows. A's tensor map covers all M rows, so the last row tile of an expert also loads
 // the first rows of the next expert (or zeros past M). Row i of C depends only on row i of A,

@@ -70,6 +70,13 @@ def test_table_from_a_record(tmp_path):
     assert out.strip().endswith("<!-- end of generated tables -->")
     missing = run("bench_moe_variants.py", "--table", str(tmp_path / "nope.json"), check=False)
     assert missing.returncode == 2 and "--table: FileNotFoundError" in missing.stderr
+    # With SonicMoE in the run: the chapter's layer against it, in the same run (its ms over ours).
+    record["rows"].insert(2, {"preset": "small", "tokens": 8, "variant": "sonicmoe", "ms": 1.5, "vs grouped_mm": 4 / 3,
+                              "% of floor": 100 / 3})
+    path.write_text(json.dumps(record))
+    out = run("bench_moe_variants.py", "--table", str(path)).stdout
+    assert "| tokens | grouped_mm | triton | sonicmoe | triton vs sonicmoe | floor ms | triton % of floor |" in out
+    assert "| 8 | 2.000 (1.00x) | 1.000 (2.00x) | 1.500 (1.33x) | 1.50x | 0.500 | 50% |" in out
 
 
 @pytest.mark.parametrize("script", ["bench_moe_variants.py", "moe_journey.py", "throughput.py", "bench_grouped_gemm.py",
