@@ -37,8 +37,9 @@
 // A tile queue (warp-specialized kernels). kTmaRing's CTAs walk tiles at a fixed stride (CTA i:
 // tiles i, i + gridDim.x, ...), which keeps them in step only while every tile costs the same.
 // With half tiles they drift apart, the tiles running at once stop being neighbours in the
-// grouped L2 order, and W's tiles are fetched from HBM again and again (Nsight Compute, DeepSeek-V3's
-// up-projection: about twice the bytes). So the producer's thread 0 claims each next tile from
+// grouped L2 order, and W's tiles are fetched from HBM again and again (DeepSeek-V3's up-projection
+// read about twice the bytes in a development Nsight Compute profile, not recorded). So the
+// producer's thread 0 claims each next tile from
 // a global counter (atomicAdd: whichever CTA is free takes the next tile in order) and posts the
 // number in a shared-memory slot; the consumers (and, gathering, the producer warps) take it from
 // there, guarded by a full and an empty mbarrier per slot like the stages. A number past the last
@@ -237,6 +238,7 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
   auto retire = [&] {
     __threadfence();
     if (atomicAdd(&tile_counter[1], 1ull) == gridDim.x - 1) {
+      __threadfence();  // every other CTA's claims (fenced before its count) come before the reset
       atomicExch(&tile_counter[0], 0ull);
       atomicExch(&tile_counter[1], 0ull);
     }
@@ -324,6 +326,7 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
       // so the tensor cores spend the tile on the first consumer's wgmmas alone.
       for (int step = 0; step < k_steps; ++step) {
         mbarrier_wait(&s.full[read.stage], read.phase);
+        __syncwarp();
         if (lane == 0) mbarrier_arrive(&s.empty[read.stage]);
         read.advance();
       }

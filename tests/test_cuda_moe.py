@@ -208,3 +208,26 @@ def test_backend_cuda_leaves_out_capacity_drops():
     y = tilemoe.moe_forward(x, **w, top_k=2, backend="cuda", routing=routing)
     ref = tilemoe.reference_moe(x.double(), **{k: v.double() for k, v in w.items()}, top_k=2, routing=routing)
     assert tilemoe.rel_error(y, ref) <= tilemoe.TOLERANCE[torch.bfloat16]
+
+
+@on_hopper
+def test_one_tile_counter_serves_launches_in_order(monkeypatch):
+    """The warp-specialized kernels claim tiles from a counter and leave it zero when they finish,
+    so one pair serves launches in order on a stream (the C++ harness relies on it; the Python
+    wrapper takes a fresh pair per launch). Here every launch shares one pair."""
+    counter = torch.zeros(2, dtype=torch.int64, device="cuda")
+    monkeypatch.setattr(tcuda, "_tile_counter", lambda device: counter)
+    x, w, offsets, gather = make([300, 64, 0, 193, 1], 400, 256, 192, seed=5)
+    up_ref = up_reference(x, w, offsets, gather)
+    a = x[gather]
+    w_down = (torch.randn(5, 128, 192, generator=torch.Generator().manual_seed(6)) / 192**0.5).bfloat16().cuda()
+    down_ref = torch.cat([a[s:e].float() @ w_down[i].float().T
+                          for i, (s, e) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist()))])
+    for _ in range(3):
+        act = tcuda.moe_up(x, w, offsets, gather, out=torch.full_like(up_ref, float("nan"), dtype=torch.bfloat16))
+        out = tcuda.grouped_gemm(a, w_down, offsets, variant="hopper",
+                                 out=torch.full((a.shape[0], 128), float("nan"), dtype=torch.bfloat16, device="cuda"))
+        torch.cuda.synchronize()
+        assert_every_element_close(act, up_ref)
+        assert_every_element_close(out, down_ref)
+        assert counter.eq(0).all(), counter.tolist()

@@ -78,7 +78,6 @@ def test_every_tile_shape_and_launch_on_ragged_shapes(block_m, persistent, tma):
     check(x, w, top_k, routing, tile_configs=(cfg, cfg))
 
 
-
 @needs_triton
 @pytest.mark.parametrize("tma", [False, True])
 def test_half_height_tiles_take_the_small_expert_tails(tma):
@@ -106,10 +105,18 @@ def test_half_height_tiles_take_the_small_expert_tails(tma):
     off = type(cfg)(**{**cfg.as_dict(), "half_tails": False})
     persistent = tile(128, 16, 32, True, tma)  # a persistent launch keeps whole tiles (configs.uses_half_tails)
     with mock.patch.object(ops_mod, "grouped_gemm_kernel", Spy()):
-        check(x, w, 1, routing, tile_configs=(cfg, cfg), store_pre=True)
+        _, saved = check(x, w, 1, routing, tile_configs=(cfg, cfg), store_pre=True)
         check(x, w, 1, routing, tile_configs=(off, off))
         check(x, w, 1, routing, tile_configs=(persistent, persistent))
     assert half == [True, True, False, False, False, False]
+    # The half branch stores the pre-activation too: every kept row's [gate | up], rows past the
+    # experts' ends untouched (poisoned memory would show a missing row as NaN).
+    end = int(routing.offsets[-1])
+    rows = x[routing.sorted_tokens[:end]].double()
+    expert = torch.repeat_interleave(torch.arange(len(counts), device=DEVICE), routing.counts.long())
+    pre = torch.einsum("rh,rnh->rn", rows, w["w_gate_up"].double()[expert])
+    assert tilemoe.rel_error(saved["pre"][:end], pre) <= 1e-5
+
 
 def tma_possible() -> bool:
     ops_mod, _ = ops()
