@@ -77,6 +77,15 @@ def test_table_from_a_record(tmp_path):
     out = run("bench_moe_variants.py", "--table", str(path)).stdout
     assert "| tokens | grouped_mm | triton | sonicmoe | triton vs sonicmoe | floor ms | triton % of floor |" in out
     assert "| 8 | 2.000 (1.00x) | 1.000 (2.00x) | 1.500 (1.33x) | 1.50x | 0.500 | 50% |" in out
+    assert "'vs sonicmoe'" not in out  # the caption explains the ratio only where there are two SonicMoE rows
+    # With SonicMoE's own module too: the ratio is to the faster of the two SonicMoE rows.
+    record["rows"].insert(3, {"preset": "small", "tokens": 8, "variant": "sonicmoe module", "ms": 1.25,
+                              "vs grouped_mm": 1.6, "% of floor": 40.0})
+    path.write_text(json.dumps(record))
+    out = run("bench_moe_variants.py", "--table", str(path)).stdout
+    assert "| tokens | grouped_mm | triton | sonicmoe | sonicmoe module | triton vs sonicmoe | floor ms |" in out
+    assert "| 8 | 2.000 (1.00x) | 1.000 (2.00x) | 1.500 (1.33x) | 1.250 (1.60x) | 1.25x | 0.500 | 50% |" in out
+    assert "'vs sonicmoe': the faster SonicMoE row's ms over the layer's" in out
 
 
 @pytest.mark.parametrize("script", ["bench_moe_variants.py", "moe_journey.py", "throughput.py", "bench_grouped_gemm.py",

@@ -36,6 +36,7 @@ from moe_cases import RAGGED, forced_routing, make_weights
 from tilemoe import backends
 from tilemoe.backends import sonic
 from tilemoe.reference import swiglu_expert
+from tilemoe.routing import build_routing
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "05_sonicmoe" / "sonicmoe_example.py"
@@ -386,6 +387,47 @@ def test_adapter_converts_once_across_calls(stand_in, counted):
     assert len(counted) == 2  # the concat layout reads w_gate_up in place
 
 
+# -- SonicMoE's own module, as the benchmarks time it ---------------------------------------------------
+
+def load_bench_variants():
+    spec = importlib.util.spec_from_file_location("bench_moe_variants", ROOT / "benchmarks" / "bench_moe_variants.py")
+    bench_variants = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench_variants  # dataclasses look their module up there
+    spec.loader.exec_module(bench_variants)
+    return bench_variants
+
+
+def test_module_holds_the_weights_in_its_layout_and_replays_against_the_reference(stand_in):
+    w = make_weights(32, 24, 6, dtype=torch.bfloat16, seed=3)
+    module = sonic.module_with_weights(w["router_weight"], w["w_gate_up"], w["w_down"], top_k=2)
+    assert torch.equal(module.c_fc.weight, sonic.to_sonic_gate_up(w["w_gate_up"]))
+    assert torch.equal(module.c_proj.weight, w["w_down"])
+    assert torch.equal(module.router.weight, w["router_weight"].bfloat16())
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
+    ids, how, _ = sonic.module_choice(module, x)
+    assert how == "SonicMoE's top-k kernel on its bf16 logits" and ids.shape == (40, 2) and ids.dtype == torch.int64
+    y = sonic.module_forward(module, x)
+    assert CALLS[-1]["inference"] and y.dtype == torch.bfloat16 and y.shape == x.shape
+    logits = x.double() @ module.router.weight.double().t()
+    routing = build_routing(ids, logits.gather(1, ids).softmax(dim=-1), logits.gather(1, ids), 6)
+    ref = tilemoe.reference_moe(x.double(), **{k: v.double() for k, v in w.items()}, top_k=2, routing=routing)
+    assert tilemoe.rel_error(y, ref) <= BF16_TOL
+    y_train = sonic.module_forward(module, x.clone().requires_grad_(), train=True)
+    assert not CALLS[-1]["inference"] and torch.equal(y_train.detach(), y)
+
+
+def test_benchmark_checks_the_module_on_its_own_routing_and_can_fail(stand_in, monkeypatch):
+    bench_variants = load_bench_variants()
+    case = bench_variants.make_case(tilemoe.get_preset("small"), 24, CPU, torch.bfloat16, seed=0)
+    row = bench_variants.measure(case, "sonicmoe module", CPU, BF16_TOL, quick=False, gbps=1.0)
+    assert row["check"] == "PASS" and row["ms"] > 0 and row["bf16 ties"] >= 0
+    # A reference replaying other experts than the module ran must fail the check.
+    real_choice = sonic.module_choice
+    monkeypatch.setattr(sonic, "module_choice", lambda module, x: (lambda ids, how, ties: (
+        (ids + 1) % module.num_experts, how, ties))(*real_choice(module, x)))
+    assert bench_variants.measure(case, "sonicmoe module", CPU, BF16_TOL, quick=False, gbps=1.0)["check"] == "FAIL"
+
+
 # -- The lesson script ---------------------------------------------------------------------------------
 
 def run_script(*args, env=None):
@@ -583,3 +625,13 @@ def test_real_sonicmoe_matches_reference_on_ragged_routing(case, layout):
     for name in ("w_gate_up", "w_down"):
         assert tilemoe.rel_error(ours[name].grad, ref_w[name].grad) <= BF16_TOL, name
     assert tilemoe.rel_error(xl.grad, x64.grad) <= BF16_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(sonic_gpu_reason() is not None, reason=str(sonic_gpu_reason()))
+def test_real_sonicmoe_module_passes_the_benchmarks_check():
+    bench_variants = load_bench_variants()
+    cuda = torch.device("cuda")
+    case = bench_variants.make_case(tilemoe.get_preset("small"), 300, cuda, torch.bfloat16, seed=0)
+    row = bench_variants.measure(case, "sonicmoe module", cuda, BF16_TOL, quick=False, gbps=1.0)
+    assert row["check"] == "PASS", row

@@ -52,7 +52,6 @@ import pathlib
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 
 import tilemoe
@@ -291,17 +290,13 @@ def chapter_weights(module) -> dict:
 
 
 def sonic_module_path(module, x: torch.Tensor) -> Path:
-    from sonicmoe import KernelBackendMoE
-
     x_leaf = x.detach().clone().requires_grad_()
 
     def run(train: bool) -> torch.Tensor:
         if train:
-            y, _aux_loss = module(x_leaf, kernel_backend_moe=KernelBackendMoE.sonicmoe, is_inference_mode=False)
-            return y
+            return sonic.module_forward(module, x_leaf, train=True)
         with torch.no_grad():
-            y, _ = module(x, kernel_backend_moe=KernelBackendMoE.sonicmoe, is_inference_mode=True)
-        return y
+            return sonic.module_forward(module, x)
 
     def grads() -> dict:
         gate_up = module.c_fc.weight.grad
@@ -310,25 +305,6 @@ def sonic_module_path(module, x: torch.Tensor) -> Path:
                 "w_down": module.c_proj.weight.grad}
 
     return Path("SonicMoE MoE module", "SonicMoE", run, grads, [x_leaf, *module.parameters()], reference="sonicmoe")
-
-
-def sonic_module_choice(module, x: torch.Tensor) -> tuple[torch.Tensor, str, int]:
-    """SonicMoE's own routing decision for x, so the reference can replay it: the module rounds its
-    router logits to bf16, where near-tied experts become exactly tied and any tie-break decides.
-    Returns (ids [T, K], how they were obtained, tokens tied at the top-k boundary in bf16)."""
-    with torch.no_grad():
-        logits = F.linear(x, module.router.weight)  # what MoE.forward computes, bit for bit
-        boundary = logits.topk(module.top_k + 1, dim=-1).values if module.top_k < module.num_experts else None
-        ties = int((boundary[:, -1] == boundary[:, -2]).sum()) if boundary is not None else 0
-        try:
-            from sonicmoe.functional import TC_Softmax_Topk_Router_Function
-
-            _, ids = TC_Softmax_Topk_Router_Function.apply(logits, module.num_experts, module.top_k, True, False)
-            how = "SonicMoE's top-k kernel on its bf16 logits"
-        except Exception as exc:  # noqa: BLE001 - an internal name may move between versions
-            ids = logits.topk(module.top_k, dim=-1).indices
-            how = f"torch.topk on SonicMoE's bf16 logits (its top-k kernel: {type(exc).__name__})"
-    return ids.long(), how, ties
 
 
 def replay_route_fn(ids: torch.Tensor, num_experts: int):
@@ -387,7 +363,7 @@ def run_with_sonic(cfg: tilemoe.MoEConfig, tokens: int, seed: int, device: torch
     if module is not None:
         say("SonicMoE: the first calls JIT-compile and autotune its kernels (the forward's, then the training "
             "step's: minutes at a real model's shapes) ...")
-        ids, how, ties = sonic_module_choice(module, x)
+        ids, how, ties = sonic.module_choice(module, x)
         say(f"SonicMoE's routing decision, replayed by its reference: {how}; {ties} of {tokens} tokens have an "
             f"exact bf16 tie at the top-{cfg.top_k} boundary (tilemoe's fp32 router logits avoid that).")
         references["sonicmoe"] = run_reference(x, weights, cfg.top_k, dy, replay_route_fn(ids, cfg.experts), storage)[:2]

@@ -82,6 +82,9 @@ from .. import checks
 from ..routing import Routing
 
 NAME = "sonicmoe"
+# moe_forward routes for this backend with the chapter's Triton router kernels, as for "triton" and
+# "cuda": the experts are SonicMoE's, the routing is tilemoe's in every case, so it is the fast one.
+FUSED_ROUTING = True
 
 INSTALL_HINT = "pip install sonic-moe (needs Python >= 3.12 and an NVIDIA Hopper or Blackwell GPU)"
 MIN_PYTHON = (3, 12)
@@ -316,6 +319,61 @@ def weight_layout(layout: str):
         yield
     finally:
         DEFAULT_LAYOUT = before
+
+
+# -- SonicMoE's own MoE module ------------------------------------------------------------------------
+# The backend above runs SonicMoE's kernels on tilemoe's routing. SonicMoE as its authors ship it is
+# its ``MoE`` module, whose forward routes by itself (bf16 router logits, softmax over the top-k)
+# and runs the same kernels through its fixed-K path. Benchmarks time it too: it is the speed a user
+# of SonicMoE gets, and what the chapter's kernels are compared with.
+
+def module_with_weights(router_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int):
+    """SonicMoE's ``MoE`` module holding copies of tilemoe weights (router_weight [E, H], w_gate_up
+    [E, 2I, H], w_down [E, H, I]): c_fc interleaved (``to_sonic_gate_up``), all in bfloat16. The
+    module routes by itself: softmax over the top-k of its bf16 logits, whatever router made the
+    weights. RuntimeError with the reason when SonicMoE cannot be imported."""
+    _api()
+    from sonicmoe import MoE
+
+    num_experts, two_ffn, hidden = w_gate_up.shape
+    with torch.device(w_gate_up.device):  # built where the weights are: no detour through host memory
+        module = MoE(num_experts, top_k, hidden, two_ffn // 2, _api().ActivationType.SWIGLU, False, 0.02)
+    module = module.to(torch.bfloat16)
+    with torch.no_grad():
+        module.router.weight.copy_(router_weight)
+        module.c_fc.weight.copy_(to_sonic_gate_up(w_gate_up))
+        module.c_proj.weight.copy_(w_down)
+    return module
+
+
+def module_forward(module, x: torch.Tensor, *, train: bool = False) -> torch.Tensor:
+    """y = module(x) through SonicMoE's own kernels (``KernelBackendMoE.sonicmoe``): inference
+    (no autograd, nothing kept for a backward) unless ``train``."""
+    from sonicmoe import KernelBackendMoE
+
+    with contextlib.nullcontext() if train else torch.no_grad():
+        y, _aux_loss = module(x, kernel_backend_moe=KernelBackendMoE.sonicmoe, is_inference_mode=not train)
+    return y
+
+
+def module_choice(module, x: torch.Tensor) -> tuple[torch.Tensor, str, int]:
+    """The experts SonicMoE's module picks for x, so that a reference can replay its routing. The
+    module rounds its router logits to bf16, where near-tied experts become exactly tied and its
+    top-k kernel's tie-break decides. Returns (ids [T, K] int64, how they were obtained, the number
+    of tokens with an exact bf16 tie at the top-k boundary)."""
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(x, module.router.weight)  # what MoE.forward computes, bit for bit
+        boundary = logits.topk(module.top_k + 1, dim=-1).values if module.top_k < module.num_experts else None
+        ties = int((boundary[:, -1] == boundary[:, -2]).sum()) if boundary is not None else 0
+        try:
+            from sonicmoe.functional import TC_Softmax_Topk_Router_Function
+
+            _, ids = TC_Softmax_Topk_Router_Function.apply(logits, module.num_experts, module.top_k, True, False)
+            how = "SonicMoE's top-k kernel on its bf16 logits"
+        except Exception as exc:  # noqa: BLE001 - an internal name may move between versions
+            ids = logits.topk(module.top_k, dim=-1).indices
+            how = f"torch.topk on SonicMoE's bf16 logits (its top-k kernel: {type(exc).__name__})"
+    return ids.long(), how, ties
 
 
 # -- The experts -----------------------------------------------------------------------------------
