@@ -19,6 +19,7 @@ import enum
 import gc
 import importlib.util
 import io
+import json
 import os
 import subprocess
 import sys
@@ -36,7 +37,6 @@ from moe_cases import RAGGED, forced_routing, make_weights
 from tilemoe import backends
 from tilemoe.backends import sonic
 from tilemoe.reference import swiglu_expert
-from tilemoe.routing import build_routing
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "05_sonicmoe" / "sonicmoe_example.py"
@@ -389,12 +389,16 @@ def test_adapter_converts_once_across_calls(stand_in, counted):
 
 # -- SonicMoE's own module, as the benchmarks time it ---------------------------------------------------
 
+def import_file(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_bench_variants():
-    spec = importlib.util.spec_from_file_location("bench_moe_variants", ROOT / "benchmarks" / "bench_moe_variants.py")
-    bench_variants = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench_variants  # dataclasses look their module up there
-    spec.loader.exec_module(bench_variants)
-    return bench_variants
+    return import_file(ROOT / "benchmarks" / "bench_moe_variants.py", "bench_moe_variants")
 
 
 def test_module_holds_the_weights_in_its_layout_and_replays_against_the_reference(stand_in):
@@ -406,13 +410,17 @@ def test_module_holds_the_weights_in_its_layout_and_replays_against_the_referenc
     x = torch.randn(40, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
     ids, how, _ = sonic.module_choice(module, x)
     assert how == "SonicMoE's top-k kernel on its bf16 logits" and ids.shape == (40, 2) and ids.dtype == torch.int64
-    y = sonic.module_forward(module, x)
+    y, aux_loss = sonic.module_forward(module, x)
+    assert aux_loss is None
     assert CALLS[-1]["inference"] and y.dtype == torch.bfloat16 and y.shape == x.shape
     logits = x.double() @ module.router.weight.double().t()
-    routing = build_routing(ids, logits.gather(1, ids).softmax(dim=-1), logits.gather(1, ids), 6)
+    routing = sonic.module_routing(module, x, ids)
+    assert torch.equal(routing.topk_ids, ids)
+    assert torch.allclose(routing.topk_weights.double(), logits.gather(1, ids).softmax(dim=-1), atol=1e-6)
     ref = tilemoe.reference_moe(x.double(), **{k: v.double() for k, v in w.items()}, top_k=2, routing=routing)
     assert tilemoe.rel_error(y, ref) <= BF16_TOL
-    y_train = sonic.module_forward(module, x.clone().requires_grad_(), train=True)
+    y_train, aux_loss = sonic.module_forward(module, x.clone().requires_grad_(), train=True)
+    assert aux_loss is not None and y_train.requires_grad
     assert not CALLS[-1]["inference"] and torch.equal(y_train.detach(), y)
 
 
@@ -426,6 +434,27 @@ def test_benchmark_checks_the_module_on_its_own_routing_and_can_fail(stand_in, m
     monkeypatch.setattr(sonic, "module_choice", lambda module, x: (lambda ids, how, ties: (
         (ids + 1) % module.num_experts, how, ties))(*real_choice(module, x)))
     assert bench_variants.measure(case, "sonicmoe module", CPU, BF16_TOL, quick=False, gbps=1.0)["check"] == "FAIL"
+
+
+def test_lesson_6_times_the_module_with_the_layers_weights_and_its_ratio_takes_the_faster_row(stand_in, monkeypatch):
+    lesson6 = import_file(ROOT / "examples" / "06_full_moe" / "benchmark.py", "full_moe_benchmark")
+    torch.manual_seed(0)
+    layer = tilemoe.OptimizedMoELayer(32, 24, 6, 2, dtype=torch.bfloat16)
+    x = torch.randn(20, 32).bfloat16().requires_grad_()
+    row = lesson6.measure_module(layer, x, CPU)
+    assert row["rel_error"] <= BF16_TOL and row["forward_ms"] > 0 and row["fwd_bwd_ms"] > 0
+    assert x.grad is not None and x.grad.abs().sum() > 0  # the step reached x
+    rows = [{"backend": "grouped_mm", "forward_ms": 4.0, "fwd_bwd_ms": 8.0, "train_peak_bytes": None},
+            {"backend": "sonicmoe", "forward_ms": 2.0, "fwd_bwd_ms": 5.0, "train_peak_bytes": None},
+            {"backend": "sonicmoe module", "forward_ms": 2.5, "fwd_bwd_ms": 4.0, "train_peak_bytes": None}]
+    lesson6.add_ratios(rows)
+    assert rows[0]["forward_vs_sonicmoe"] == 0.5 and rows[0]["fwd_bwd_vs_sonicmoe"] == 0.5
+    assert lesson6.module_unavailable(tilemoe.OptimizedMoELayer(32, 24, 6, 2, num_shared_experts=1)) is not None
+    # A reference replaying other experts than the module ran is far off.
+    real_choice = sonic.module_choice
+    monkeypatch.setattr(sonic, "module_choice", lambda module, x: (lambda ids, how, ties: (
+        (ids + 1) % module.num_experts, how, ties))(*real_choice(module, x)))
+    assert lesson6.measure_module(layer, x.detach().requires_grad_(), CPU)["rel_error"] > BF16_TOL
 
 
 # -- The lesson script ---------------------------------------------------------------------------------
@@ -570,6 +599,12 @@ def test_table_prints_the_readme_markdown_of_a_record(tmp_path):
     assert module_timing[1:] == ["2.000", "600", "6.000", "612", "2.00x", "1.50x", "1.25 |"]
     assert concat_timing[1:] == ["8.000", "0.0421", "-", "-", "0.50x", "-", "- |"]
     assert "takes 0.500 ms of every tilemoe row's forward" in text and "reused the copy 7 times" in text
+    # A record that timed both routers says which row each belongs to.
+    payload = json.loads(record.read_text())
+    record.write_text(json.dumps({**payload, "tilemoe_fused_route_ms": 0.25}))
+    text = run_script("--table", str(record)).stdout
+    assert ("takes 0.500 ms with PyTorch's ops (the grouped_mm row's) and 0.250 ms with the chapter's Triton router "
+            "(the sonicmoe rows')") in text
 
 
 def test_table_of_a_missing_file_is_a_usage_error(tmp_path):

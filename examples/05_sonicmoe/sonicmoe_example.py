@@ -57,7 +57,7 @@ from tabulate import tabulate
 import tilemoe
 from tilemoe import bench
 from tilemoe.backends import sonic
-from tilemoe.routing import build_routing
+from tilemoe.routing import build_routing, route_tokens
 
 # An extra site directory for sonicmoe (a `pip install --target DIR` installation), added before the
 # walk-through imports it: TILEMOE_EXTRA_SITE, read in one place, the sonicmoe backend.
@@ -294,9 +294,9 @@ def sonic_module_path(module, x: torch.Tensor) -> Path:
 
     def run(train: bool) -> torch.Tensor:
         if train:
-            return sonic.module_forward(module, x_leaf, train=True)
+            return sonic.module_forward(module, x_leaf, train=True)[0]
         with torch.no_grad():
-            return sonic.module_forward(module, x)
+            return sonic.module_forward(module, x)[0]
 
     def grads() -> dict:
         gate_up = module.c_fc.weight.grad
@@ -404,12 +404,16 @@ def run_with_sonic(cfg: tilemoe.MoEConfig, tokens: int, seed: int, device: torch
     print_times(time_rows, base_name, tokens, cfg)
     with torch.no_grad():
         route_ms = bench.time_ms(lambda: tilemoe_route_fn(cfg)(x, leaves["router_weight"]), device=device)
+        fused_route_ms = bench.time_ms(lambda: route_tokens(x, leaves["router_weight"], cfg.top_k, fused=True,
+                                                            **cfg.router_options()), device=device)
     info = sonic.cache_info()
-    say(f"Of the tilemoe rows' forward, tilemoe's routing (fp32 logits, top-k, metadata) takes {route_ms:.3f} ms.\n"
+    say(f"tilemoe's routing alone (fp32 logits, top-k, metadata): {route_ms:.3f} ms with PyTorch's ops (the "
+        f"{baseline} row's), {fused_route_ms:.3f} ms with the chapter's Triton router (the sonicmoe rows').\n"
         f"The interleaved layout converted w_gate_up {info['conversions']} time(s) and reused the copy "
         f"{info['hits']} times (the cached copy, {leaves['w_gate_up'].numel() * 2 / 1e9:.2f} GB, is held like the weights and not "
         f"counted in the step peak).")
-    extra.update(baseline=base_name, dtype="bfloat16", tolerance=tolerance, tilemoe_route_ms=route_ms, sonic_cache=info, sonicmoe=sonic.versions(),
+    extra.update(baseline=base_name, dtype="bfloat16", tolerance=tolerance, tilemoe_route_ms=route_ms,
+                 tilemoe_fused_route_ms=fused_route_ms, sonic_cache=info, sonicmoe=sonic.versions(),
                  reference_storage=str(storage), module_skipped=mismatch)
     return paths, results, ok, extra
 
@@ -525,7 +529,11 @@ def run_markdown(path: pathlib.Path) -> str:
                      f"{_fmt(r.get('fwd_speedup'), '.2f', 'x')} | {_fmt(r.get('fwdbwd_speedup'), '.2f', 'x')} | "
                      f"{_fmt(r.get('fwdbwd_peak_gb'), '.2f')} |")
     notes = []
-    if run.get("tilemoe_route_ms") is not None:
+    if run.get("tilemoe_fused_route_ms") is not None:
+        notes.append(f"tilemoe's routing alone (fp32 logits, top-k, metadata) takes {run['tilemoe_route_ms']:.3f} ms "
+                     f"with PyTorch's ops (the {run['baseline'].removeprefix('tilemoe ')} row's) and "
+                     f"{run['tilemoe_fused_route_ms']:.3f} ms with the chapter's Triton router (the sonicmoe rows')")
+    elif run.get("tilemoe_route_ms") is not None:  # recorded before the sonicmoe backend used the Triton router
         notes.append(f"tilemoe's routing alone (fp32 logits, top-k, metadata) takes {run['tilemoe_route_ms']:.3f} ms "
                      f"of every tilemoe row's forward")
     cache = run.get("sonic_cache") or {}

@@ -79,7 +79,7 @@ from types import SimpleNamespace
 import torch
 
 from .. import checks
-from ..routing import Routing
+from ..routing import Routing, build_routing, router_logits
 
 NAME = "sonicmoe"
 # moe_forward routes for this backend with the chapter's Triton router kernels, as for "triton" and
@@ -346,14 +346,14 @@ def module_with_weights(router_weight: torch.Tensor, w_gate_up: torch.Tensor, w_
     return module
 
 
-def module_forward(module, x: torch.Tensor, *, train: bool = False) -> torch.Tensor:
-    """y = module(x) through SonicMoE's own kernels (``KernelBackendMoE.sonicmoe``): inference
-    (no autograd, nothing kept for a backward) unless ``train``."""
+def module_forward(module, x: torch.Tensor, *, train: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, aux_loss) = module(x) through SonicMoE's own kernels (``KernelBackendMoE.sonicmoe``).
+    Inference (no autograd, nothing kept for a backward, aux_loss None) unless ``train``; in
+    training aux_loss is the module's load-balancing loss, unscaled."""
     from sonicmoe import KernelBackendMoE
 
     with contextlib.nullcontext() if train else torch.no_grad():
-        y, _aux_loss = module(x, kernel_backend_moe=KernelBackendMoE.sonicmoe, is_inference_mode=not train)
-    return y
+        return module(x, kernel_backend_moe=KernelBackendMoE.sonicmoe, is_inference_mode=not train)
 
 
 def module_choice(module, x: torch.Tensor) -> tuple[torch.Tensor, str, int]:
@@ -374,6 +374,15 @@ def module_choice(module, x: torch.Tensor) -> tuple[torch.Tensor, str, int]:
             ids = logits.topk(module.top_k, dim=-1).indices
             how = f"torch.topk on SonicMoE's bf16 logits (its top-k kernel: {type(exc).__name__})"
     return ids.long(), how, ties
+
+
+def module_routing(module, x: torch.Tensor, ids: torch.Tensor) -> Routing:
+    """The routing SonicMoE's module computes when it picks experts ``ids`` [T, K] for x, for a
+    reference to replay: weights = the softmax over the chosen logits (its router's), here from fp32
+    logits of its bf16 router weight."""
+    logits = router_logits(x, module.router.weight)
+    weights = logits.gather(1, ids).softmax(dim=-1)
+    return build_routing(ids, weights, logits.softmax(dim=-1).gather(1, ids), module.num_experts)
 
 
 # -- The experts -----------------------------------------------------------------------------------
