@@ -33,8 +33,9 @@ Variants (those this machine cannot run are listed with the reason and skipped):
 - ``sonicmoe module``: SonicMoE as its authors ship it, its ``MoE`` module holding the same weights:
   it routes by itself (softmax over the top-k of bf16 logits, whatever the preset's router), so it
   is checked against the reference run on its own choice of experts. For olmoe-1b-7b that choice
-  is the preset's (only the weights are renormalized); for deepseek-v3 it is not (no sigmoid, no
-  groups), with the same FLOPs;
+  is mostly the preset's (bf16 logits pick another top-8 for a few percent of the tokens, and the
+  weights are renormalized); for deepseek-v3 it is not (no sigmoid, no groups), with the same
+  FLOPs. The row records the bf16 ties at the top-k boundary;
 - ``dense floor``: two cuBLAS GEMMs with the layer's FLOPs and no routing ([T*K, H] x [H, 2I]
   and [T*K, I] x [I, H]): what perfect grouped kernels approach when arithmetic bounds them;
 - ``weights read``: the bytes of every expert the batch touches, read once at the copy bandwidth
@@ -66,11 +67,12 @@ from tilemoe import backends, bench
 from tilemoe.graphs import GraphedMoE
 
 LAYER_VARIANTS = ("torch", "grouped_mm", "triton", "cuda", "sonicmoe")
-SONIC_VARIANTS = ("sonicmoe", "sonicmoe module")
+MODULE_VARIANT = backends.sonic.MODULE_NAME  # SonicMoE's own MoE module
+SONIC_VARIANTS = ("sonicmoe", MODULE_VARIANT)
 GRAPHED_VARIANTS = ("grouped_mm graphed", "triton graphed", "cuda graphed")
 EXPERT_VARIANTS = ("triton experts", "triton+rounding")
 FLOORS = ("dense floor", "weights read")
-VARIANTS = (*LAYER_VARIANTS, "sonicmoe module", *GRAPHED_VARIANTS, *EXPERT_VARIANTS, *FLOORS)
+VARIANTS = (*LAYER_VARIANTS, MODULE_VARIANT, *GRAPHED_VARIANTS, *EXPERT_VARIANTS, *FLOORS)
 BASELINE = "grouped_mm"
 GPU_PRESETS = ("olmoe-1b-7b", "qwen3-30b-a3b", "deepseek-v3", "mixtral-8x7b")
 GPU_TOKENS = (1, 64, 4096, 16384)
@@ -141,7 +143,7 @@ def weights_read_ms(case: Case, gbps: float) -> float:
 
 
 def why_not(name: str, device: torch.device, dtype: torch.dtype, cfg: tilemoe.MoEConfig) -> str | None:
-    backend = {"triton experts": "triton", "triton+rounding": "triton", "sonicmoe module": "sonicmoe"}.get(
+    backend = {"triton experts": "triton", "triton+rounding": "triton", MODULE_VARIANT: "sonicmoe"}.get(
         name, name.removesuffix(" graphed"))
     if backend in FLOORS:
         return None
@@ -163,15 +165,14 @@ def measure(case: Case, name: str, device: torch.device, tolerance: float, quick
     elif name in LAYER_VARIANTS:
         fn = lambda: case.forward(name)  # noqa: E731
         err = tilemoe.rel_error(fn(), case.reference(case.routing)) if not quick else None
-    elif name == "sonicmoe module":
+    elif name == MODULE_VARIANT:
         w = case.weights
         module = backends.sonic.module_with_weights(w["router_weight"], w["w_gate_up"], w["w_down"], case.cfg.top_k)
         fn = lambda: backends.sonic.module_forward(module, case.x)[0]  # noqa: E731
+        err = None
         if not quick:
-            ids, _, row["bf16 ties"] = backends.sonic.module_choice(module, case.x)
-            err = tilemoe.rel_error(fn(), case.reference(backends.sonic.module_routing(module, case.x, ids)))
-        else:
-            err = None
+            routing, row["module routing"], row["bf16 ties"] = backends.sonic.module_routing(module, case.x)
+            err = tilemoe.rel_error(fn(), case.reference(routing))
     elif name in GRAPHED_VARIANTS:
         graphed = GraphedMoE(case.weights, case.cfg.top_k, backend=name.removesuffix(" graphed"), **case.cfg.router_options())
         fn = lambda: graphed(case.x)  # noqa: E731
@@ -257,7 +258,7 @@ def table_markdown(files: list) -> str:
                      f"Cells: ms, and in parentheses the speedup over `{run['baseline']}` in the same run; "
                      "floor = the larger of the dense GEMM pair and the weights read."
                      + (" 'vs sonicmoe': the faster SonicMoE row's ms over the layer's (above 1: ours is faster)."
-                        if "sonicmoe module" in variants else ""))
+                        if MODULE_VARIANT in variants else ""))
         for preset in dict.fromkeys(r["preset"] for r in rows):
             cfg = tilemoe.get_preset(preset)
             lines = [f"**{preset}** (H={cfg.hidden}, I={cfg.ffn}, E={cfg.experts}, K={cfg.top_k})", "",

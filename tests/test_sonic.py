@@ -408,14 +408,15 @@ def test_module_holds_the_weights_in_its_layout_and_replays_against_the_referenc
     assert torch.equal(module.c_proj.weight, w["w_down"])
     assert torch.equal(module.router.weight, w["router_weight"].bfloat16())
     x = torch.randn(40, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
-    ids, how, _ = sonic.module_choice(module, x)
-    assert how == "SonicMoE's top-k kernel on its bf16 logits" and ids.shape == (40, 2) and ids.dtype == torch.int64
+    routing, how, ties = sonic.module_routing(module, x)
+    ids = routing.topk_ids
+    assert how == "SonicMoE's top-k kernel on its bf16 logits" and ids.shape == (40, 2)
+    assert isinstance(ties, int)
     y, aux_loss = sonic.module_forward(module, x)
     assert aux_loss is None
     assert CALLS[-1]["inference"] and y.dtype == torch.bfloat16 and y.shape == x.shape
     logits = x.double() @ module.router.weight.double().t()
-    routing = sonic.module_routing(module, x, ids)
-    assert torch.equal(routing.topk_ids, ids)
+    assert torch.equal(ids.sort(dim=-1).values, logits.topk(2, dim=-1).indices.sort(dim=-1).values)
     assert torch.allclose(routing.topk_weights.double(), logits.gather(1, ids).softmax(dim=-1), atol=1e-6)
     ref = tilemoe.reference_moe(x.double(), **{k: v.double() for k, v in w.items()}, top_k=2, routing=routing)
     assert tilemoe.rel_error(y, ref) <= BF16_TOL
@@ -424,11 +425,32 @@ def test_module_holds_the_weights_in_its_layout_and_replays_against_the_referenc
     assert not CALLS[-1]["inference"] and torch.equal(y_train.detach(), y)
 
 
+def test_a_choice_of_experts_that_is_no_top_k_is_refused(stand_in, monkeypatch):
+    w = make_weights(32, 24, 6, dtype=torch.bfloat16, seed=3)
+    module = sonic.module_with_weights(w["router_weight"], w["w_gate_up"], w["w_down"], top_k=2)
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
+    real = TC_Softmax_Topk_Router_Function.apply
+    monkeypatch.setattr(TC_Softmax_Topk_Router_Function, "apply",
+                        lambda *args: (lambda scores, ids: (scores, (ids + 1) % 6))(*real(*args)))
+    with pytest.raises(RuntimeError, match="is not a top-2 of its logits"):
+        sonic.module_routing(module, x)
+
+
+def test_module_weights_are_checked_and_named(stand_in):
+    w = make_weights(32, 24, 6, dtype=torch.bfloat16, seed=3)
+    with pytest.raises(ValueError, match="w_down"):
+        sonic.module_with_weights(w["router_weight"], w["w_gate_up"], w["w_down"][:, :, :-1], top_k=2)
+    with pytest.raises(ValueError, match="router_weight"):
+        sonic.module_with_weights(w["router_weight"][:-1], w["w_gate_up"], w["w_down"], top_k=2)
+    with pytest.raises(ValueError, match="top_k"):
+        sonic.module_with_weights(w["router_weight"], w["w_gate_up"], w["w_down"], top_k=7)
+
+
 def test_benchmark_checks_the_module_on_its_own_routing_and_can_fail(stand_in, monkeypatch):
     bench_variants = load_bench_variants()
     case = bench_variants.make_case(tilemoe.get_preset("small"), 24, CPU, torch.bfloat16, seed=0)
     row = bench_variants.measure(case, "sonicmoe module", CPU, BF16_TOL, quick=False, gbps=1.0)
-    assert row["check"] == "PASS" and row["ms"] > 0 and row["bf16 ties"] >= 0
+    assert row["check"] == "PASS" and row["ms"] > 0 and row["module routing"] == "SonicMoE's top-k kernel on its bf16 logits"
     # A reference replaying other experts than the module ran must fail the check.
     real_choice = sonic.module_choice
     monkeypatch.setattr(sonic, "module_choice", lambda module, x: (lambda ids, how, ties: (

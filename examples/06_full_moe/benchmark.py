@@ -19,8 +19,8 @@ TFLOP/s (6*T*K*H*I and 18*T*K*H*I), the speedups over grouped_mm, and the peak m
 step adds beyond x, the weights and their gradients (GPU only), also as a ratio to grouped_mm's.
 When SonicMoE runs, a last row times SonicMoE as it ships, its own ``MoE`` module holding the
 layer's weights (it routes by itself: softmax over the top-k of bf16 logits, checked against the
-reference replaying its choice), and every row's times are also divided into the faster SonicMoE
-row's.
+reference replaying its choice; skipped for a layer with shared experts, which the module does not
+have), and every row's times are also divided into the faster SonicMoE row's.
 ``--record`` writes the rows to benchmarks/results/<gpu>/full_moe-*.json (with SonicMoE's versions
 when it ran); ``--table FILE ...`` prints the README's "Measured results" from such files::
 
@@ -44,7 +44,7 @@ from tilemoe import backends, bench
 from tilemoe.backends import sonic
 
 BASELINE = "grouped_mm"
-MODULE_ROW = "sonicmoe module"
+MODULE_ROW = sonic.MODULE_NAME
 SONIC_ROWS = (sonic.NAME, MODULE_ROW)
 
 
@@ -88,10 +88,10 @@ def measure_module(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, device) ->
     """SonicMoE's own MoE module with the layer's weights: its error against the reference replaying
     its routing, forward and forward+backward times (its aux loss scaled like the layer's), peak."""
     module = sonic.module_with_weights(layer.router_weight, layer.w_gate_up, layer.w_down, layer.top_k)
+    routing, _, _ = sonic.module_routing(module, x)
     with torch.no_grad():
-        ids, _, _ = sonic.module_choice(module, x)
         weights = {n: getattr(layer, n).float() for n in ("router_weight", "w_gate_up", "w_down")}
-        ref = tilemoe.reference_moe(x.float(), **weights, top_k=layer.top_k, routing=sonic.module_routing(module, x, ids))
+        ref = tilemoe.reference_moe(x.float(), **weights, top_k=layer.top_k, routing=routing)
         err = tilemoe.rel_error(sonic.module_forward(module, x)[0], ref)
         forward_ms = bench.time_ms(lambda: sonic.module_forward(module, x), device=device)
 

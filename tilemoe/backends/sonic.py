@@ -327,19 +327,40 @@ def weight_layout(layout: str):
 # and runs the same kernels through its fixed-K path. Benchmarks time it too: it is the speed a user
 # of SonicMoE gets, and what the chapter's kernels are compared with.
 
+MODULE_NAME = "sonicmoe module"  # how benchmarks name the row of SonicMoE's own module
+
+
+def _check_module_weights(router_weight, w_gate_up, w_down, top_k: int) -> None:
+    checks.check_float_tensor("w_gate_up", w_gate_up)
+    if w_gate_up.dim() != 3 or w_gate_up.shape[1] % 2 or 0 in w_gate_up.shape:
+        checks.fail("w_gate_up", "shape [E, 2I, H] with E, I, H >= 1", list(w_gate_up.shape))
+    num_experts, two_ffn, hidden = w_gate_up.shape
+    checks.check_float_tensor("router_weight", router_weight)
+    checks.check_shape("router_weight", router_weight, (num_experts, hidden), f"[E, H] = [{num_experts}, {hidden}]")
+    checks.check_float_tensor("w_down", w_down)
+    checks.check_shape("w_down", w_down, (num_experts, hidden, two_ffn // 2),
+                       f"[E, H, I] = [{num_experts}, {hidden}, {two_ffn // 2}]")
+    checks.check_int("top_k", top_k, low=1, high=num_experts)
+
+
 def module_with_weights(router_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int):
     """SonicMoE's ``MoE`` module holding copies of tilemoe weights (router_weight [E, H], w_gate_up
     [E, 2I, H], w_down [E, H, I]): c_fc interleaved (``to_sonic_gate_up``), all in bfloat16. The
     module routes by itself: softmax over the top-k of its bf16 logits, whatever router made the
-    weights. RuntimeError with the reason when SonicMoE cannot be imported."""
-    _api()
+    weights. It is built on the meta device and allocated once, in bfloat16, on w_gate_up's device
+    (no float32 copy of the experts, which for deepseek-v3 would be 45 GB). RuntimeError with the
+    reason when SonicMoE cannot be imported."""
+    api = _api()
     from sonicmoe import MoE
 
+    _check_module_weights(router_weight, w_gate_up, w_down, top_k)
     num_experts, two_ffn, hidden = w_gate_up.shape
-    with torch.device(w_gate_up.device):  # built where the weights are: no detour through host memory
-        module = MoE(num_experts, top_k, hidden, two_ffn // 2, _api().ActivationType.SWIGLU, False, 0.02)
-    module = module.to(torch.bfloat16)
-    with torch.no_grad():
+    device = w_gate_up.device
+    # MoE.__init__ records the current CUDA stream: make it the weights' device's.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(), torch.device("meta"):
+        module = MoE(num_experts, top_k, hidden, two_ffn // 2, api.ActivationType.SWIGLU, False, 0.02)
+    module = module.to(torch.bfloat16).to_empty(device=device)
+    with torch.no_grad():  # every parameter is written: to_empty left them uninitialized
         module.router.weight.copy_(router_weight)
         module.c_fc.weight.copy_(to_sonic_gate_up(w_gate_up))
         module.c_proj.weight.copy_(w_down)
@@ -360,29 +381,38 @@ def module_choice(module, x: torch.Tensor) -> tuple[torch.Tensor, str, int]:
     """The experts SonicMoE's module picks for x, so that a reference can replay its routing. The
     module rounds its router logits to bf16, where near-tied experts become exactly tied and its
     top-k kernel's tie-break decides. Returns (ids [T, K] int64, how they were obtained, the number
-    of tokens with an exact bf16 tie at the top-k boundary)."""
+    of tokens with an exact bf16 tie at the top-k boundary). RuntimeError if the ids are not a
+    top-k of those logits (the check a replay cannot make: it takes the ids as given)."""
     with torch.no_grad():
         logits = torch.nn.functional.linear(x, module.router.weight)  # what MoE.forward computes, bit for bit
-        boundary = logits.topk(module.top_k + 1, dim=-1).values if module.top_k < module.num_experts else None
-        ties = int((boundary[:, -1] == boundary[:, -2]).sum()) if boundary is not None else 0
+        top = logits.topk(min(module.top_k + 1, module.num_experts), dim=-1).values
+        ties = int((top[:, module.top_k] == top[:, module.top_k - 1]).sum()) if module.top_k < module.num_experts else 0
         try:
             from sonicmoe.functional import TC_Softmax_Topk_Router_Function
 
             _, ids = TC_Softmax_Topk_Router_Function.apply(logits, module.num_experts, module.top_k, True, False)
             how = "SonicMoE's top-k kernel on its bf16 logits"
-        except Exception as exc:  # noqa: BLE001 - an internal name may move between versions
+        except ImportError as exc:  # an internal name may move between versions
             ids = logits.topk(module.top_k, dim=-1).indices
             how = f"torch.topk on SonicMoE's bf16 logits (its top-k kernel: {type(exc).__name__})"
-    return ids.long(), how, ties
+        ids = ids.long()
+        distinct = bool((ids.sort(dim=-1).values.diff(dim=-1) != 0).all()) if module.top_k > 1 else True
+        if not distinct or bool((logits.gather(1, ids) < top[:, module.top_k - 1 : module.top_k]).any()):
+            raise RuntimeError(f"SonicMoE's choice of experts ({how}) is not a top-{module.top_k} of its logits")
+    return ids, how, ties
 
 
-def module_routing(module, x: torch.Tensor, ids: torch.Tensor) -> Routing:
-    """The routing SonicMoE's module computes when it picks experts ``ids`` [T, K] for x, for a
-    reference to replay: weights = the softmax over the chosen logits (its router's), here from fp32
-    logits of its bf16 router weight."""
-    logits = router_logits(x, module.router.weight)
-    weights = logits.gather(1, ids).softmax(dim=-1)
-    return build_routing(ids, weights, logits.softmax(dim=-1).gather(1, ids), module.num_experts)
+def module_routing(module, x: torch.Tensor) -> tuple[Routing, str, int]:
+    """The routing SonicMoE's module computes for x, for a reference to replay (no autograd): its
+    experts (``module_choice``) and weights = the softmax over the chosen logits, here from fp32
+    logits of its bf16 router weight. Returns (routing, how the experts were obtained, the bf16 ties
+    at the top-k boundary)."""
+    ids, how, ties = module_choice(module, x)
+    with torch.no_grad():
+        logits = router_logits(x, module.router.weight)
+        weights = logits.gather(1, ids).softmax(dim=-1)
+        routing = build_routing(ids, weights, logits.softmax(dim=-1).gather(1, ids), module.num_experts)
+    return routing, how, ties
 
 
 # -- The experts -----------------------------------------------------------------------------------
