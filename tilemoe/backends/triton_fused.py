@@ -11,8 +11,8 @@ and returns gradients for x, the routing weights (so the router, through PyTorch
 the routing) and both weight tensors. One backward per forward: it reuses the saved
 pre-activation's memory (``retain_graph=True`` and a second backward raise a RuntimeError).
 ``backend="auto"`` trains with it (FAST_BACKWARD): on the H200, a training step at 16384 tokens
-is 1.32x (OLMoE) and 1.37x (Qwen3) the grouped_mm path's speed (0.94x and 1.02x SonicMoE's), with
-0.50x and 0.53x its peak memory (examples/06_full_moe/README.md, recorded in
+is 1.33x (OLMoE) and 1.37x (Qwen3) the grouped_mm path's speed (0.84x and 0.80x SonicMoE's own
+module's), with 0.50x and 0.53x its peak memory (examples/06_full_moe/README.md, recorded in
 benchmarks/results/nvidia-h200/full_moe-*).
 
 Runs on NVIDIA GPUs in bfloat16, float16 or float32 (float32 without TF32: exact fp32 products),

@@ -69,7 +69,7 @@ class TileConfig:
           free up, so the tiles running at once stay neighbours that share weight tiles in L2. A
           persistent program walks a fixed stride of tiles: with tiles of unequal length the
           programs drift apart, and on the H200 that cost more than the half tiles saved
-          (DeepSeek-V3's GEMMs 7-10% slower in a development A/B, not recorded);
+          (DeepSeek-V3's GEMMs were slower in a development A/B, not recorded);
         - never for a routing rounded to the tile (no block is partial)."""
         return (self.half_tails and self.block_m >= HALF_TAIL_MIN_M and not self.persistent
                 and not rows_full)
