@@ -4,7 +4,6 @@ expert usage, the bias balancing, its argument errors, and loading Hugging Face 
 
 from __future__ import annotations
 
-import dataclasses
 from unittest import mock
 
 import pytest

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_cases import check_metadata
+import tilemoe
 from tilemoe import routing as R
 
 
@@ -173,6 +174,34 @@ def test_router_logits_gradients_and_what_they_keep(dtype):
     assert torch.equal(logits, expected)
     assert torch.allclose(x.grad.float(), x2.grad.float()) and torch.allclose(w.grad, w2.grad)
     assert x.grad.dtype == dtype and w.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_router_logits_backward_runs_in_the_16_bit_dtype(dtype, monkeypatch):
+    # Where the Triton logits kernel computed the logits (a GPU; a stand-in here), the backward's two
+    # GEMMs read the logits' gradient and w rounded to x's dtype, as the tensor cores do; the
+    # gradients come back in x's and w's dtypes, near the fp32 backward's.
+    class StandIn:
+        @staticmethod
+        def logits(x, w):
+            return x.float() @ w.t()
+
+    monkeypatch.setattr(R, "_logits_kernel", lambda x, w: StandIn)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 32, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(8, 32, generator=gen).requires_grad_()
+    logits = R.router_logits(x, w, fused=True)
+    d_logits = torch.randn(logits.shape, generator=gen)
+    logits.backward(d_logits)
+    d16 = d_logits.to(dtype)
+    assert torch.equal(x.grad, d16 @ w.detach().to(dtype))
+    assert w.grad.dtype == torch.float32 and torch.equal(w.grad, (d16.t() @ x.detach()).float())
+    exact_x, exact_w = d_logits @ w.detach(), d_logits.t() @ x.detach().float()
+    assert 0 < tilemoe.rel_error(w.grad, exact_w) <= tilemoe.TOLERANCE[torch.bfloat16]
+    assert tilemoe.rel_error(x.grad, exact_x) <= tilemoe.TOLERANCE[torch.bfloat16]
+    x.grad = w.grad = None
+    R.router_logits(x, w).backward(d_logits)  # unfused: PyTorch's fp32 backward
+    assert torch.equal(w.grad, exact_w)
 
 
 def test_router_logits_are_twice_differentiable():

@@ -10,6 +10,7 @@ import pytest
 
 @pytest.mark.parametrize("tool, args", [
     ("profile_kernels.py", ["--preset", "small", "--tokens", "8", "--backend", "torch", "--calls", "1"]),
+    ("profile_kernels.py", ["--preset", "small", "--tokens", "8", "--backend", "torch", "--calls", "1", "--train"]),
     ("profile_host.py", ["--preset", "small", "--tokens", "8", "--backend", "torch", "--calls", "2", "--top", "3"]),
 ])
 def test_profiling_tools_run_and_print_their_table(tool, args, capsys, monkeypatch):
@@ -19,6 +20,8 @@ def test_profiling_tools_run_and_print_their_table(tool, args, capsys, monkeypat
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "small, T=8, backend torch" in out or "forwards of small, T=8, backend torch" in out
+    if "--train" in args:  # the backward's operators are in the profile
+        assert "per training step" in out and "Backward" in out
 
 
 def test_profile_kernels_names_a_backend_that_cannot_run(capsys, monkeypatch):

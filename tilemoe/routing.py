@@ -30,8 +30,9 @@ def router_logits(x: torch.Tensor, router_weight: torch.Tensor, *, fused: bool =
     full-precision copy (``_RouterLogits``).
     fused: compute them with the chapter's Triton kernel where it takes these inputs (a GPU, a
     bf16/fp16 batch of at least ``tilemoe.triton.router.MIN_TOKENS`` tokens): fp32's accuracy from
-    the tensor cores (``router_logits_kernel``), where PyTorch's fp32 GEMM runs on the CUDA cores.
-    Otherwise PyTorch's GEMM (what the baselines measure).
+    the tensor cores (``router_logits_kernel``), where PyTorch's fp32 GEMM runs on the CUDA cores;
+    their backward runs on the tensor cores too, in x's dtype (``_RouterLogits``). Otherwise
+    PyTorch's GEMM and its fp32 backward (what the baselines measure).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return _RouterLogits.apply(x, router_weight, dtype, fused)
@@ -50,14 +51,21 @@ def _logits_kernel(x: torch.Tensor, router_weight: torch.Tensor):
 class _RouterLogits(torch.autograd.Function):
     """x.to(dtype) @ w.to(dtype)^T (or, fused, the Triton kernel's logits), saving x and w in their
     own dtypes. PyTorch's autograd of that expression would save the fp32 copy of a bf16 x until
-    the backward: 134 MB at 16384 tokens of H = 2048, held through the whole training step. Here
-    the backward makes the copy again, for the moment its product needs it."""
+    the backward: 134 MB at 16384 tokens of H = 2048, held through the whole training step.
+
+    The backward of the fused logits runs on the tensor cores, in x's 16-bit dtype: the logits'
+    gradient and w are rounded to it (fp32 accumulation), as every other GEMM of a bf16 layer's
+    backward reads its operands. The gradients then carry that dtype's rounding (relative 2^-9 in
+    bf16; tests/test_layer.py holds a training step's gradients to the bf16 tolerance on a GPU). The
+    fp32 backward runs on the CUDA cores, and its x needs an fp32 copy. PyTorch's logits (the baselines') keep PyTorch's fp32 backward, making that copy
+    again for the moment its product needs it."""
 
     @staticmethod
     def forward(ctx, x, w, dtype, fused):
         ctx.save_for_backward(x, w)
         ctx.dtype = dtype
         kernel = _logits_kernel(x, w) if fused else None
+        ctx.tensor_cores = kernel is not None
         if kernel is not None:
             return kernel.logits(x, w)
         return x.to(dtype) @ w.to(dtype).t()
@@ -65,11 +73,13 @@ class _RouterLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_logits):
         x, w = ctx.saved_tensors
+        dtype = x.dtype if ctx.tensor_cores else ctx.dtype
+        d_logits = d_logits.to(dtype)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = (d_logits @ w.to(ctx.dtype)).to(x.dtype)
+            dx = (d_logits @ w.to(dtype)).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dw = (d_logits.reshape(-1, w.shape[0]).t() @ x.reshape(-1, w.shape[1]).to(ctx.dtype)).to(w.dtype)
+            dw = (d_logits.reshape(-1, w.shape[0]).t() @ x.reshape(-1, w.shape[1]).to(dtype)).to(w.dtype)
         return dx, dw, None, None
 
 

@@ -1,13 +1,17 @@
-"""Where the GPU time of one MoE forward goes: every kernel it launches, with its share of the time.
+"""Where the GPU time of one MoE forward (or training step) goes: every kernel it launches, with its share.
 
 The companion of profile_host.py (which says where the *host* time goes). torch.profiler records
-a few forwards; this prints, per kernel name, how many times one forward launches it, its GPU
-microseconds per forward and its share, plus the forward's wall time, so you can see what
-separates a layer from its floor (router? metadata? the two GEMMs? the combine?).
+a few calls; this prints, per kernel name, how many times one call launches it, its GPU
+microseconds per call and its share, plus the call's wall time, so you can see what separates a
+layer from its floor (router? metadata? the two GEMMs? the combine? the weight gradients?).
 
     python tools/profile_kernels.py --preset qwen3-30b-a3b --tokens 16384            # triton
     python tools/profile_kernels.py --preset deepseek-v3 --tokens 16384 --backend grouped_mm
+    python tools/profile_kernels.py --preset olmoe-1b-7b --tokens 16384 --train      # a training step
     python tools/profile_kernels.py                          # CPU: small preset, torch ops' CPU time
+
+--train profiles what examples/06_full_moe/benchmark.py times as "fwd+bwd": an OptimizedMoELayer
+of the preset (router, aux loss, experts) run forward and backward, x wanting its gradient too.
 
 On a machine without a GPU the "kernels" are the CPU operators, which is only good for checking
 the script runs.
@@ -31,6 +35,31 @@ def short(name: str, width: int = 64) -> str:
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
+def forward_call(cfg, tokens: int, backend: str, device, dtype):
+    """(one inference forward of moe_forward, "forward"): no autograd."""
+    w = cfg.init_weights(device=device, dtype=dtype, shared=False)
+    x = torch.randn(tokens, cfg.hidden, device=device).to(dtype)
+
+    @torch.no_grad()
+    def forward():
+        return tilemoe.moe_forward(x, **w, top_k=cfg.top_k, backend=backend, **cfg.router_options())
+
+    return forward, "forward"
+
+
+def training_step(cfg, tokens: int, backend: str, device, dtype):
+    """(one training step of the preset's OptimizedMoELayer, "training step"): the forward with its
+    aux loss, then the backward into x and every weight, as lesson 6's benchmark times it."""
+    layer = tilemoe.OptimizedMoELayer.from_preset(cfg, device=device, dtype=dtype, backend=backend)
+    x = torch.randn(tokens, cfg.hidden, device=device).to(dtype).requires_grad_()
+
+    def step():
+        y, aux = layer(x, return_aux_loss=True)
+        (y.float().sum() + aux).backward()
+
+    return step, "training step"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default=None, choices=sorted(tilemoe.PRESETS),
@@ -38,7 +67,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=None, help="tokens (default: 16384 on a GPU, 64 on a CPU)")
     parser.add_argument("--backend", default=None, choices=sorted(tilemoe.BACKENDS),
                         help="default: triton on a GPU, torch on a CPU")
-    parser.add_argument("--calls", type=int, default=5, help="forwards recorded (default: 5)")
+    parser.add_argument("--calls", type=int, default=5, help="calls recorded (default: 5)")
+    parser.add_argument("--train", action="store_true",
+                        help="profile a training step of OptimizedMoELayer (forward with the aux loss, backward)")
     args = parser.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -51,26 +82,21 @@ def main(argv=None) -> int:
     cfg = tilemoe.get_preset(preset)
     if (why := tilemoe.backends.unavailable_reason(backend, device, dtype, cfg.hidden, cfg.ffn)) is not None:
         parser.error(f"--backend {backend}: {why}")
-    w = cfg.init_weights(device=device, dtype=dtype, shared=False)
-    x = torch.randn(tokens, cfg.hidden, device=device).to(dtype)
-
-    def forward():
-        return tilemoe.moe_forward(x, **w, top_k=cfg.top_k, backend=backend, **cfg.router_options())
+    call, what = (training_step if args.train else forward_call)(cfg, tokens, backend, device, dtype)
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_gpu:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.no_grad():
-        for _ in range(3):  # compile and warm up outside the profile
-            forward()
+    for _ in range(3):  # compile and warm up outside the profile
+        call()
+    if on_gpu:
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(args.calls):
+            call()
         if on_gpu:
             torch.cuda.synchronize()
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(args.calls):
-                forward()
-            if on_gpu:
-                torch.cuda.synchronize()
-        wall_ms = bench.time_ms(forward, device=device)  # unprofiled: the profiler slows the host
+    wall_ms = bench.time_ms(call, device=device)  # unprofiled: the profiler slows the host
 
     per_kernel = collections.defaultdict(lambda: [0, 0.0])
     for event in prof.events():
@@ -85,9 +111,9 @@ def main(argv=None) -> int:
                    for name, (n, t) in per_kernel.items()), key=lambda r: -r[2])
     print(f"{cfg.name}, T={tokens}, backend {backend}, {bench.device_name(device)}: "
           f"{total / args.calls / 1e3:.3f} ms of {'kernel' if on_gpu else 'operator'} time and "
-          f"{wall_ms:.3f} ms per forward timed by tilemoe.bench, {len(rows)} distinct "
+          f"{wall_ms:.3f} ms per {what} timed by tilemoe.bench, {len(rows)} distinct "
           f"{'kernels' if on_gpu else 'operators'}")
-    print(tabulate(rows, ["kernel" if on_gpu else "operator", "calls/fwd", "us/fwd", "%"], floatfmt=".1f"))
+    print(tabulate(rows, ["kernel" if on_gpu else "operator", "calls/call", "us/call", "%"], floatfmt=".1f"))
     return 0
 
 

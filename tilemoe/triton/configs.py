@@ -102,15 +102,36 @@ class WgradConfig:
     tma: bool = True
 
 
-def backward_rule(rows_per_expert: float) -> tuple[TileConfig, TileConfig, WgradConfig]:
-    """The backward's configurations (dY GEMM, dX GEMM, weight gradients). Below prefill sizes
-    both GEMMs take the down-projection's rule; at prefill both are plain GEMMs over transposed
-    weights and take its wide 128 x 256 tile, persistent, the weights loaded by TMA."""
+@dataclass(frozen=True)
+class BackwardConfigs:
+    """The backward's four kernels: the dY @ W_down GEMM, the dX GEMM, and the two weight gradients
+    (dW_down reads dY through the permutation, dW_gate_up reads x through it)."""
+    grad: TileConfig
+    dx: TileConfig
+    wgrad_down: WgradConfig
+    wgrad_gate_up: WgradConfig
+
+
+def backward_rule(rows_per_expert: float) -> BackwardConfigs:
+    """The backward's configurations. Below prefill sizes both GEMMs take the down-projection's
+    rule and the weight gradients 128 x 128 tiles. At prefill both GEMMs are plain GEMMs over
+    transposed weights and take its wide 128 x 256 tile, persistent, the weights loaded by TMA.
+
+    The weight gradients at prefill are wide along the operand read in place and 128 along the one
+    read through the permutation. A gathered row cannot be one TMA copy: the kernel loads it by
+    pointers, in a pipeline whose row indices take one stage of it (so more stages are asked for),
+    and those loads are what limits it. A 256-wide tile of the in-place operand doubles the FLOPs per
+    gathered byte. dW_down = dY^T (p A): dY is gathered, so the tile is 128 x 256; dW_gate_up =
+    d pre^T x: x is gathered, so 256 x 128. On the H200, at 16384 tokens of OLMoE and Qwen3, a
+    development sweep (not recorded) found these shapes faster than 128 x 128 and the opposite
+    shapes; examples/06_full_moe records the training step they are part of.
+    """
     grad = rule("down", rows_per_expert)
     if rows_per_expert <= 64:
-        return grad, grad, WgradConfig()
+        return BackwardConfigs(grad, grad, WgradConfig(), WgradConfig())
     wide = TileConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True, tma=True)
-    return wide, wide, WgradConfig()
+    return BackwardConfigs(wide, wide, WgradConfig(128, 256, 64, num_warps=8, num_stages=5),
+                           WgradConfig(256, 128, 64, num_warps=8, num_stages=6))
 
 
 @lru_cache(maxsize=None)

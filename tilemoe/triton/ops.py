@@ -243,7 +243,7 @@ def backward_down(dy: torch.Tensor, pre: torch.Tensor, routing: Routing, w_down:
     slots, ffn = pre.shape[0], w_down.shape[2]
     num_tokens, top_k = routing.topk_ids.shape
     rule = configs.backward_rule(slots / routing.num_experts)
-    grad_cfg, wgrad_cfg = tile_configs or (rule[0], rule[2])
+    grad_cfg, wgrad_cfg = tile_configs or (rule.grad, rule.wgrad_down)
     need_pre, need_weights, need_down = needs
     dy = dy.contiguous()
     g = dy.new_empty(slots, ffn)  # g, then p * A in its place
@@ -273,7 +273,7 @@ def backward_up(d_pre: torch.Tensor, x: torch.Tensor, routing: Routing, w_gate_u
     """
     hidden = x.shape[1]
     rule = configs.backward_rule(d_pre.shape[0] / routing.num_experts)
-    dx_cfg, wgrad_cfg = tile_configs or (rule[1], rule[2])
+    dx_cfg, wgrad_cfg = tile_configs or (rule.dx, rule.wgrad_gate_up)
     need_x, need_gate_up = needs
     dx = d_gate_up = None
     if need_x:
