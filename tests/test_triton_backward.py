@@ -120,22 +120,25 @@ def test_every_backward_tile_shape_on_ragged_shapes(block_m, tma):
 
 
 @needs_triton
-def test_the_prefill_rule_on_ragged_shapes():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_prefill_rule_on_ragged_shapes(dtype):
     # More than 64 rows per expert: the backward takes configs.backward_rule's prefill tiles, the
-    # persistent 128 x 256 GEMMs and the weight gradients 128 x 256 (dW_down) and 256 x 128
-    # (dW_gate_up), each far wider than H = 40 and I = 24, over experts of 150, 69 and 0 rows
-    # (69: a partial last chunk of the reduction).
+    # persistent 128 x 256 GEMMs and, for 16-bit operands, the weight gradients 128 x 256 (dW_down)
+    # and 256 x 128 (dW_gate_up); fp32's keep 128 x 128 (the wide pipelines outgrow shared memory
+    # on a GPU). All far wider than H = 40 and I = 24, over experts of 150, 69 and 0 rows (69: a
+    # partial last chunk of the reduction).
     _, configs = ops()
-    rule = configs.backward_rule(73.0)
-    assert (rule.wgrad_down.block_n1, rule.wgrad_down.block_n2) == (128, 256)
-    assert (rule.wgrad_gate_up.block_n1, rule.wgrad_gate_up.block_n2) == (256, 128) and rule.grad.persistent
-    w = make_weights(40, 24, 3, device=DEVICE, seed=4)
-    x = torch.randn(219, 40, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    dy = torch.randn(219, 40, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    rule = configs.backward_rule(73.0, torch.empty(0, dtype=dtype).element_size())
+    shapes = [(c.block_n1, c.block_n2) for c in (rule.wgrad_down, rule.wgrad_gate_up)]
+    assert shapes == ([(128, 256), (256, 128)] if dtype == torch.float16 else [(128, 128)] * 2)
+    assert rule.grad.persistent and rule.grad.block_n == 256
+    w = make_weights(40, 24, 3, dtype=dtype, device=DEVICE, seed=4)
+    x = torch.randn(219, 40, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    dy = torch.randn(219, 40, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
     ids = torch.tensor([0] * 150 + [1] * 69).view(219, 1)
     routing = forced_routing(ids.to(DEVICE), 3, seed=5)
     assert routing.sorted_slots.numel() / routing.num_experts == 73.0
-    assert_close(triton_grads(x, w, routing, dy), reference_grads(x, w, routing, dy), torch.float32, routing)
+    assert_close(triton_grads(x, w, routing, dy), reference_grads(x, w, routing, dy), dtype, routing)
 
 
 @needs_triton

@@ -112,7 +112,7 @@ class BackwardConfigs:
     wgrad_gate_up: WgradConfig
 
 
-def backward_rule(rows_per_expert: float) -> BackwardConfigs:
+def backward_rule(rows_per_expert: float, element_size: int = 2) -> BackwardConfigs:
     """The backward's configurations. Below prefill sizes both GEMMs take the down-projection's
     rule and the weight gradients 128 x 128 tiles. At prefill both GEMMs are plain GEMMs over
     transposed weights and take its wide 128 x 256 tile, persistent, the weights loaded by TMA.
@@ -124,12 +124,15 @@ def backward_rule(rows_per_expert: float) -> BackwardConfigs:
     gathered byte. dW_down = dY^T (p A): dY is gathered, so the tile is 128 x 256; dW_gate_up =
     d pre^T x: x is gathered, so 256 x 128. On the H200, at 16384 tokens of OLMoE and Qwen3, a
     development sweep (not recorded) found these shapes faster than 128 x 128 and the opposite
-    shapes; examples/06_full_moe records the training step they are part of.
+    shapes; examples/06_full_moe records the training step they are part of. Their pipelines do
+    not fit in shared memory with 4-byte operands (element_size 4: fp32), which keep 128 x 128.
     """
-    grad = rule("down", rows_per_expert)
     if rows_per_expert <= 64:
+        grad = rule("down", rows_per_expert)
         return BackwardConfigs(grad, grad, WgradConfig(), WgradConfig())
     wide = TileConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True, tma=True)
+    if element_size > 2:
+        return BackwardConfigs(wide, wide, WgradConfig(), WgradConfig())
     return BackwardConfigs(wide, wide, WgradConfig(128, 256, 64, num_warps=8, num_stages=5),
                            WgradConfig(256, 128, 64, num_warps=8, num_stages=6))
 

@@ -242,7 +242,7 @@ def backward_down(dy: torch.Tensor, pre: torch.Tensor, routing: Routing, w_down:
     """
     slots, ffn = pre.shape[0], w_down.shape[2]
     num_tokens, top_k = routing.topk_ids.shape
-    rule = configs.backward_rule(slots / routing.num_experts)
+    rule = configs.backward_rule(slots / routing.num_experts, pre.element_size())
     grad_cfg, wgrad_cfg = tile_configs or (rule.grad, rule.wgrad_down)
     need_pre, need_weights, need_down = needs
     dy = dy.contiguous()
@@ -272,7 +272,7 @@ def backward_up(d_pre: torch.Tensor, x: torch.Tensor, routing: Routing, w_gate_u
     tile_configs: (dX GEMM, weight gradient) configurations instead of ``configs.backward_rule``'s.
     """
     hidden = x.shape[1]
-    rule = configs.backward_rule(d_pre.shape[0] / routing.num_experts)
+    rule = configs.backward_rule(d_pre.shape[0] / routing.num_experts, d_pre.element_size())
     dx_cfg, wgrad_cfg = tile_configs or (rule.dx, rule.wgrad_gate_up)
     need_x, need_gate_up = needs
     dx = d_gate_up = None
