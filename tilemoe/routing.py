@@ -56,9 +56,10 @@ class _RouterLogits(torch.autograd.Function):
     The backward of the fused logits runs on the tensor cores, in x's 16-bit dtype: the logits'
     gradient and w are rounded to it (fp32 accumulation), as every other GEMM of a bf16 layer's
     backward reads its operands. The gradients then carry that dtype's rounding (relative 2^-9 in
-    bf16; tests/test_layer.py holds a training step's gradients to the bf16 tolerance on a GPU). The
-    fp32 backward runs on the CUDA cores, and its x needs an fp32 copy. PyTorch's logits (the baselines') keep PyTorch's fp32 backward, making that copy
-    again for the moment its product needs it."""
+    bf16; tests/test_layer.py holds a training step's gradients to the bf16 tolerance on a GPU).
+    The fp32 backward would run on the CUDA cores and need an fp32 copy of x. PyTorch's logits (the
+    baselines') keep PyTorch's fp32 backward, making that copy again for the moment its product
+    needs it."""
 
     @staticmethod
     def forward(ctx, x, w, dtype, fused):
