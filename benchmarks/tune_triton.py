@@ -12,15 +12,22 @@ The two GEMMs share one tile schedule, so the down-projection is tuned at the up
 winning BLOCK_M. The winners go to ``--out`` (default tilemoe/triton/tuned/<gpu>.json), which
 ``configs.pick`` reads: the nearest measured rows-per-expert of the same GEMM shape and bucket.
 
+With --backward it times the backward's two weight gradients instead (``grouped_wgrad_kernel``:
+dW_down reads dY through the permutation, dW_gate_up reads x through it) over tile shapes and
+pipeline depths, each checked against torch, beside ``configs.backward_rule``'s choice; it writes no
+table (the backward takes a rule), and --record keeps the sweep as JSON in benchmarks/results/<gpu>/.
+
 Run it (GPU only; a few minutes)::
 
     python benchmarks/tune_triton.py                        # the four model presets at 1, 64, 4096, 16384 tokens
     python benchmarks/tune_triton.py --preset olmoe-1b-7b --tokens 16384 --out /tmp/t.json
+    python benchmarks/tune_triton.py --backward --preset olmoe-1b-7b qwen3-30b-a3b --tokens 16384 --record
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -90,18 +97,97 @@ def time_gemm(ops, case_x, routing, w, cfg, projection, ffn, hidden):
     return bench.time_ms(run)
 
 
+def wgrad_candidates(configs) -> list:
+    """The weight-gradient tiles tried: square and wide either way, each at a few pipeline depths
+    (the gathered operand's indices take one stage of the pipeline)."""
+    W = configs.WgradConfig
+    shapes = ((128, 128, 64), (128, 256, 64), (256, 128, 64), (128, 256, 32))
+    return [W(n1, n2, r, num_warps=8, num_stages=st) for n1, n2, r in shapes for st in (4, 5, 6, 7)]
+
+
+def describe_wgrad(c) -> str:
+    return f"{c.block_n1}x{c.block_n2}x{c.block_r} w{c.num_warps} s{c.num_stages}{' TMA' if c.tma else ''}"
+
+
+def wgrad_error(out, a, b, routing, *, a_gather=None, b_gather=None, experts: int = 2) -> float:
+    """The largest relative error of dW = A_e^T B_e (rows read through the gathers) over the
+    ``experts`` largest experts, against torch in fp32."""
+    offsets = routing.offsets.tolist()
+    worst = 0.0
+    for e in sorted(range(routing.num_experts), key=lambda e: offsets[e] - offsets[e + 1])[:experts]:
+        rows = torch.arange(offsets[e], offsets[e + 1], device=a.device)
+        a_rows = a[a_gather[rows] if a_gather is not None else rows].float()
+        b_rows = b[b_gather[rows] if b_gather is not None else rows].float()
+        worst = max(worst, tilemoe.rel_error(out[e], a_rows.t() @ b_rows))
+    return worst
+
+
+def tune_backward(args, configs, ops, device) -> int:
+    """--backward: every weight-gradient candidate at every preset and token count, checked, timed."""
+    rows, table = [], []
+    for preset in args.preset:
+        cfg = tilemoe.get_preset(preset)
+        weights = cfg.init_weights(device=device, dtype=torch.bfloat16, shared=False)
+        for tokens in args.tokens:
+            x = torch.randn(tokens, cfg.hidden, device=device).bfloat16()
+            routing = tilemoe.route(tilemoe.router_logits(x, weights["router_weight"]), cfg.top_k, **cfg.router_options())
+            slots, m = routing.sorted_slots.numel(), tokens * cfg.top_k / cfg.experts
+            dy = torch.randn_like(x)
+            p_act = torch.randn(slots, cfg.ffn, device=device).bfloat16()
+            d_pre = torch.randn(slots, 2 * cfg.ffn, device=device).bfloat16()
+            rule = configs.backward_rule(m)
+            cases = (("dW_down", dy, p_act, dict(a_gather=routing.sorted_tokens), rule.wgrad_down),
+                     ("dW_gate_up", d_pre, x, dict(b_gather=routing.sorted_tokens), rule.wgrad_gate_up))
+            for gradient, a, b, gathers, chosen in cases:
+                flops = 2 * slots * a.shape[1] * b.shape[1]
+                times = {}
+                for c in dict.fromkeys([chosen, *wgrad_candidates(configs)]):
+                    try:
+                        run = lambda: ops.weight_gradient(a, b, routing, c, dtype=a.dtype, **gathers)  # noqa: E731
+                        err = wgrad_error(run(), a, b, routing, **gathers)
+                        if err > 1e-2:
+                            raise AssertionError(f"{gradient} {c}: rel. error {err:.2e}")
+                        times[c] = bench.time_ms(run)
+                    except OutOfResources as exc:
+                        print(f"  skipped {describe_wgrad(c)}: {str(exc).splitlines()[0]}")
+                best = min(times, key=times.get)
+                for c, ms in times.items():
+                    rows.append({"preset": preset, "tokens": tokens, "gradient": gradient, "rows_per_expert": m,
+                                 "config": dataclasses.asdict(c), "ms": ms,
+                                 "tflops": bench.tflops(flops, ms), "rule": c == chosen})
+                table.append([preset, tokens, gradient, describe_wgrad(best), times[best], describe_wgrad(chosen),
+                              times.get(chosen), bench.tflops(flops, times[best])])
+                print(f"  {preset} T={tokens} {gradient}: " + ", ".join(
+                    f"{describe_wgrad(c)}: {t:.3f}" for c, t in times.items()), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    print(tabulate(table, ["preset", "tokens", "gradient", "best config", "ms", "rule's config", "rule ms",
+                           "best TFLOP/s"], floatfmt=".3f"))
+    if args.record:
+        print(f"recorded: {bench.record('tune_backward', rows, device)}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", nargs="+", default=list(PRESETS), help="presets (default: the four models)")
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS), help="token counts (default: 1 64 4096 16384)")
     parser.add_argument("--out", help="tuned table to write (default: tilemoe/triton/tuned/<gpu>.json)")
+    parser.add_argument("--backward", action="store_true",
+                        help="time the backward's weight-gradient tiles instead (no table is written)")
+    parser.add_argument("--record", action="store_true",
+                        help="with --backward: record the sweep to benchmarks/results/<gpu>/tune_backward-<date>.json")
     args = parser.parse_args(argv)
+    if args.record and not args.backward:
+        parser.error("--record: records the --backward sweep (the forward's winners go to --out)")
     if not torch.cuda.is_available():
         print("tune_triton.py tunes for a GPU: no CUDA GPU here (torch.cuda.is_available() is False).")
         return 0
     from tilemoe.triton import configs, ops
 
     device = torch.device("cuda")
+    if args.backward:
+        return tune_backward(args, configs, ops, device)
     slug = bench.slug(torch.cuda.get_device_name(device))
     out_path = Path(args.out) if args.out else configs.TUNED_DIR / f"{slug}.json"
     winners, table = [], []

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tilemoe
 
@@ -52,6 +53,25 @@ def test_wrong_preset_and_tokens_are_named():
 
 def test_tune_says_it_needs_a_gpu():
     assert "no CUDA GPU here" in run("tune_triton.py").stdout
+    assert "no CUDA GPU here" in run("tune_triton.py", "--backward").stdout
+    bad = run("tune_triton.py", "--record", check=False)
+    assert bad.returncode == 2 and "--record: records the --backward sweep" in bad.stderr
+
+
+def test_tune_backward_check_catches_a_wrong_weight_gradient():
+    # The --backward sweep checks each candidate's dW_e = A_e^T B_e (rows read through the
+    # permutation) on the largest experts before timing it: right passes, one wrong element fails.
+    tune = load("tune_triton.py")
+    x = torch.randn(40, 8, dtype=torch.float64)
+    routing = tilemoe.route(torch.randn(40, 4, dtype=torch.float64), 2)
+    p_act = torch.randn(80, 6, dtype=torch.float64)
+    gather = routing.sorted_tokens
+    offsets = routing.offsets.tolist()
+    out = torch.stack([x[gather[offsets[e]:offsets[e + 1]]].t() @ p_act[offsets[e]:offsets[e + 1]] for e in range(4)])
+    assert tune.wgrad_error(out, x, p_act, routing, a_gather=gather) < 1e-5  # torch side in fp32
+    biggest = max(range(4), key=lambda e: offsets[e + 1] - offsets[e])
+    out[biggest, 3, 2] += 1.0
+    assert tune.wgrad_error(out, x, p_act, routing, a_gather=gather) > 1e-3
 
 
 def test_table_from_a_record(tmp_path):
