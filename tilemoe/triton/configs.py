@@ -122,10 +122,11 @@ def backward_rule(rows_per_expert: float, element_size: int = 2) -> BackwardConf
     pointers, in a pipeline whose row indices take one stage of it (so more stages are asked for),
     and those loads are what limits it. A 256-wide tile of the in-place operand doubles the FLOPs per
     gathered byte. dW_down = dY^T (p A): dY is gathered, so the tile is 128 x 256; dW_gate_up =
-    d pre^T x: x is gathered, so 256 x 128. On the H200, at 16384 tokens of OLMoE and Qwen3, a
-    development sweep (not recorded) found these shapes faster than 128 x 128 and the opposite
-    shapes; examples/06_full_moe records the training step they are part of. Their pipelines do
-    not fit in shared memory with 4-byte operands (element_size 4: fp32), which keep 128 x 128.
+    d pre^T x: x is gathered, so 256 x 128. ``benchmarks/tune_triton.py --backward`` sweeps them;
+    on the H200 at 16384 tokens (results/nvidia-h200/tune_backward-2026-11-24.json) these took
+    0.977 and 2.143 ms (OLMoE), 0.833 and 1.822 ms (Qwen3), against 1.252, 2.251, 1.071 and 1.961
+    ms for 128 x 128 tiles at 4 stages, and were within 2% of the sweep's fastest. Their pipelines
+    do not fit in shared memory with 4-byte operands (element_size 4: fp32), which keep 128 x 128.
     """
     if rows_per_expert <= 64:
         grad = rule("down", rows_per_expert)
