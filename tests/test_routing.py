@@ -177,10 +177,11 @@ def test_router_logits_gradients_and_what_they_keep(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_router_logits_backward_runs_in_the_16_bit_dtype(dtype, monkeypatch):
-    # Where the Triton logits kernel computed the logits (a GPU; a stand-in here), the backward's two
-    # GEMMs read the logits' gradient and w rounded to x's dtype, as the tensor cores do; the
-    # gradients come back in x's and w's dtypes, near the fp32 backward's.
+def test_fused_router_logits_backward_runs_in_bf16(dtype, monkeypatch):
+    # Where the Triton logits kernel computed the logits of a bf16 x (a GPU; a stand-in here), the
+    # backward's two GEMMs read the logits' gradient and w rounded to bf16 and sum in fp32; w's
+    # gradient comes back in fp32, near the fp32 backward's. An fp16 x keeps the fp32 backward
+    # (fp16 would flush tiny gradients to zero), exactly PyTorch's.
     class StandIn:
         @staticmethod
         def logits(x, w):
@@ -190,13 +191,16 @@ def test_fused_router_logits_backward_runs_in_the_16_bit_dtype(dtype, monkeypatc
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(64, 32, generator=gen).to(dtype).requires_grad_()
     w = torch.randn(8, 32, generator=gen).requires_grad_()
-    logits = R.router_logits(x, w, fused=True)
-    d_logits = torch.randn(logits.shape, generator=gen)
-    logits.backward(d_logits)
-    d16 = d_logits.to(dtype)
-    assert torch.equal(x.grad, d16 @ w.detach().to(dtype))
-    assert w.grad.dtype == torch.float32 and torch.equal(w.grad, (d16.t() @ x.detach()).float())
-    exact_x, exact_w = d_logits @ w.detach(), d_logits.t() @ x.detach().float()
+    d_logits = torch.randn(64, 8, generator=gen)
+    R.router_logits(x, w, fused=True).backward(d_logits)
+    exact_x, exact_w = (d_logits @ w.detach()).to(dtype), d_logits.t() @ x.detach().float()
+    assert x.grad.dtype == dtype and w.grad.dtype == torch.float32
+    if dtype == torch.float16:
+        assert torch.equal(x.grad, exact_x) and torch.equal(w.grad, exact_w)
+        return
+    d16 = d_logits.bfloat16()
+    assert torch.equal(x.grad, d16 @ w.detach().bfloat16())
+    assert torch.equal(w.grad, d16.t().float() @ x.detach().float())
     assert 0 < tilemoe.rel_error(w.grad, exact_w) <= tilemoe.TOLERANCE[torch.bfloat16]
     assert tilemoe.rel_error(x.grad, exact_x) <= tilemoe.TOLERANCE[torch.bfloat16]
     x.grad = w.grad = None

@@ -9,6 +9,7 @@ same checks run compiled, bfloat16 included (pytest -m gpu).
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_every_backward_tile_shape_on_ragged_shapes(block_m, tma):
     wgrad = configs.WgradConfig(16, 16, 16, num_warps=4, num_stages=2, tma=tma)
     _, saved = ops_mod.moe_experts(x, routing, w["w_gate_up"], w["w_down"], store_pre=True)
     grads = ops_mod.moe_experts_backward(dy, x, saved["pre"], routing, w["w_gate_up"], w["w_down"],
-                                         tile_configs=(tile, tile, wgrad))
+                                         tile_configs=configs.BackwardConfigs(tile, tile, wgrad, wgrad))
     ref = reference_grads(x, w, routing, dy)
     for name, ours in zip(NAMES, grads):
         assert tilemoe.rel_error(ours, ref[name]) <= 1e-4, name
@@ -126,19 +127,25 @@ def test_the_prefill_rule_on_ragged_shapes(dtype):
     # persistent 128 x 256 GEMMs and, for 16-bit operands, the weight gradients 128 x 256 (dW_down)
     # and 256 x 128 (dW_gate_up); fp32's keep 128 x 128 (the wide pipelines outgrow shared memory
     # on a GPU). All far wider than H = 40 and I = 24, over experts of 150, 69 and 0 rows (69: a
-    # partial last chunk of the reduction).
-    _, configs = ops()
-    rule = configs.backward_rule(73.0, torch.empty(0, dtype=dtype).element_size())
-    shapes = [(c.block_n1, c.block_n2) for c in (rule.wgrad_down, rule.wgrad_gate_up)]
-    assert shapes == ([(128, 256), (256, 128)] if dtype == torch.float16 else [(128, 128)] * 2)
-    assert rule.grad.persistent and rule.grad.block_n == 256
+    # partial last chunk of the reduction). The kernels must receive the rule's configurations.
+    ops_mod, configs = ops()
     w = make_weights(40, 24, 3, dtype=dtype, device=DEVICE, seed=4)
     x = torch.randn(219, 40, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
     dy = torch.randn(219, 40, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
     ids = torch.tensor([0] * 150 + [1] * 69).view(219, 1)
     routing = forced_routing(ids.to(DEVICE), 3, seed=5)
-    assert routing.sorted_slots.numel() / routing.num_experts == 73.0
-    assert_close(triton_grads(x, w, routing, dy), reference_grads(x, w, routing, dy), dtype, routing)
+    hopper_or_interpreter = DEVICE.type == "cpu" or torch.cuda.get_device_capability(DEVICE)[0] >= 9
+    rule = configs.backward_rule(73.0, wide_wgrad=dtype == torch.float16 and hopper_or_interpreter)
+    assert ops_mod.backward_configs(routing, x.new_empty(219, 48)) == rule
+    wide = [(128, 256), (256, 128)] if dtype == torch.float16 and hopper_or_interpreter else [(128, 128)] * 2
+    assert [(c.block_n1, c.block_n2) for c in (rule.wgrad_down, rule.wgrad_gate_up)] == wide
+    assert rule.grad.persistent and rule.grad.block_n == 256
+    with mock.patch.object(ops_mod, "weight_gradient", wraps=ops_mod.weight_gradient) as wgrad, \
+            mock.patch.object(ops_mod, "grouped_gemm", wraps=ops_mod.grouped_gemm) as gemm:
+        grads = triton_grads(x, w, routing, dy)
+    assert [c.args[3] for c in wgrad.call_args_list] == [rule.wgrad_down, rule.wgrad_gate_up]
+    assert [c.args[4] for c in gemm.call_args_list[-2:]] == [rule.grad, rule.dx]
+    assert_close(grads, reference_grads(x, w, routing, dy), dtype, routing)
 
 
 @needs_triton

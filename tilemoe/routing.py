@@ -31,7 +31,7 @@ def router_logits(x: torch.Tensor, router_weight: torch.Tensor, *, fused: bool =
     fused: compute them with the chapter's Triton kernel where it takes these inputs (a GPU, a
     bf16/fp16 batch of at least ``tilemoe.triton.router.MIN_TOKENS`` tokens): fp32's accuracy from
     the tensor cores (``router_logits_kernel``), where PyTorch's fp32 GEMM runs on the CUDA cores;
-    their backward runs on the tensor cores too, in x's dtype (``_RouterLogits``). Otherwise
+    for a bf16 x their backward runs on the tensor cores too (``_RouterLogits``). Otherwise
     PyTorch's GEMM and its fp32 backward (what the baselines measure).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -53,20 +53,21 @@ class _RouterLogits(torch.autograd.Function):
     own dtypes. PyTorch's autograd of that expression would save the fp32 copy of a bf16 x until
     the backward: 134 MB at 16384 tokens of H = 2048, held through the whole training step.
 
-    The backward of the fused logits runs on the tensor cores, in x's 16-bit dtype: the logits'
-    gradient and w are rounded to it (fp32 accumulation), as every other GEMM of a bf16 layer's
-    backward reads its operands. The gradients then carry that dtype's rounding (relative 2^-9 in
-    bf16; tests/test_layer.py holds a training step's gradients to the bf16 tolerance on a GPU).
-    The fp32 backward would run on the CUDA cores and need an fp32 copy of x. PyTorch's logits (the
-    baselines') keep PyTorch's fp32 backward, making that copy again for the moment its product
-    needs it."""
+    When the Triton kernel computed the logits of a bf16 x, the backward runs on the tensor cores
+    in bf16: the logits' gradient and w are rounded to bf16 (relative error up to 2^-8 each, as
+    every other GEMM of a bf16 layer's backward reads its operands), the products are summed in
+    fp32, and w's gradient is returned in fp32 (``_mm_fp32``). tests/test_layer.py holds a training
+    step's gradients to the bf16 tolerance on a GPU. An fp16 x keeps the fp32 backward: fp16's
+    range would flush the aux loss's tiny logit gradients to zero without loss scaling. The fp32
+    backward runs on the CUDA cores and needs an fp32 copy of x, made for the moment its product
+    needs it; PyTorch's logits (the baselines') always take it."""
 
     @staticmethod
     def forward(ctx, x, w, dtype, fused):
         ctx.save_for_backward(x, w)
         ctx.dtype = dtype
         kernel = _logits_kernel(x, w) if fused else None
-        ctx.tensor_cores = kernel is not None
+        ctx.bf16_backward = kernel is not None and x.dtype == torch.bfloat16
         if kernel is not None:
             return kernel.logits(x, w)
         return x.to(dtype) @ w.to(dtype).t()
@@ -74,14 +75,29 @@ class _RouterLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_logits):
         x, w = ctx.saved_tensors
-        dtype = x.dtype if ctx.tensor_cores else ctx.dtype
-        d_logits = d_logits.to(dtype)
         dx = dw = None
+        x2d = x.reshape(-1, w.shape[1])
+        if ctx.bf16_backward:
+            d16 = d_logits.to(torch.bfloat16)
+            if ctx.needs_input_grad[0]:
+                dx = d16 @ w.to(torch.bfloat16)
+            if ctx.needs_input_grad[1]:
+                dw = _mm_fp32(d16.reshape(-1, w.shape[0]).t(), x2d).to(w.dtype)
+            return dx, dw, None, None
         if ctx.needs_input_grad[0]:
-            dx = (d_logits @ w.to(dtype)).to(x.dtype)
+            dx = (d_logits @ w.to(ctx.dtype)).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dw = (d_logits.reshape(-1, w.shape[0]).t() @ x.reshape(-1, w.shape[1]).to(dtype)).to(w.dtype)
+            dw = (d_logits.reshape(-1, w.shape[0]).t() @ x2d.to(ctx.dtype)).to(w.dtype)
         return dx, dw, None, None
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 16-bit a and b, summed and returned in fp32: one tensor-core GEMM on a GPU
+    (``out_dtype``); on the CPU, which has no such GEMM, the same numbers from fp32 copies (products
+    of 16-bit values are exact in fp32)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 @dataclass(frozen=True, eq=False)

@@ -112,27 +112,31 @@ class BackwardConfigs:
     wgrad_gate_up: WgradConfig
 
 
-def backward_rule(rows_per_expert: float, element_size: int = 2) -> BackwardConfigs:
+def backward_rule(rows_per_expert: float, *, wide_wgrad: bool) -> BackwardConfigs:
     """The backward's configurations. Below prefill sizes both GEMMs take the down-projection's
     rule and the weight gradients 128 x 128 tiles. At prefill both GEMMs are plain GEMMs over
     transposed weights and take its wide 128 x 256 tile, persistent, the weights loaded by TMA.
 
-    The weight gradients at prefill are wide along the operand read in place and 128 along the one
-    read through the permutation. A gathered row cannot be one TMA copy: the kernel loads it by
-    pointers, in a pipeline whose row indices take one stage of it (so more stages are asked for),
-    and those loads are what limits it. A 256-wide tile of the in-place operand doubles the FLOPs per
-    gathered byte. dW_down = dY^T (p A): dY is gathered, so the tile is 128 x 256; dW_gate_up =
-    d pre^T x: x is gathered, so 256 x 128. ``benchmarks/tune_triton.py --backward`` sweeps them;
-    on the H200 at 16384 tokens (results/nvidia-h200/tune_backward-2026-11-24.json) these took
-    0.977 and 2.143 ms (OLMoE), 0.833 and 1.822 ms (Qwen3), against 1.252, 2.251, 1.071 and 1.961
-    ms for 128 x 128 tiles at 4 stages, and were within 2% of the sweep's fastest. Their pipelines
-    do not fit in shared memory with 4-byte operands (element_size 4: fp32), which keep 128 x 128.
+    With wide_wgrad, the weight gradients at prefill are wide along the operand read in place and
+    128 along the one read through the permutation. A gathered row cannot be one TMA copy: the
+    kernel loads it by pointers, in a pipeline whose row indices take one stage of it (so more
+    stages are asked for), and those loads are what limits it. A 256-wide tile of the in-place
+    operand doubles the FLOPs per gathered byte. dW_down = dY^T (p A): dY is gathered, so the tile
+    is 128 x 256; dW_gate_up = d pre^T x: x is gathered, so 256 x 128.
+    ``benchmarks/tune_triton.py --backward`` sweeps them; on the H200 at 16384 tokens
+    (benchmarks/results/nvidia-h200/tune_backward-2026-11-24.json) these took 0.977 and 2.143 ms
+    (OLMoE), 0.833 and 1.822 ms (Qwen3), against 1.252, 2.251, 1.071 and 1.961 ms for 128 x 128
+    tiles at 4 stages, and were within 2% of the sweep's fastest. Their pipelines take 145 KiB of
+    shared memory with 16-bit operands and 289 KiB, more than any GPU has, with fp32 (Triton 3.9's
+    sm_90 build); the caller
+    (``ops.backward_configs``) asks for them only for 16-bit operands on a Hopper-or-newer GPU,
+    where they were measured. Without wide_wgrad the weight gradients keep 128 x 128.
     """
     if rows_per_expert <= 64:
         grad = rule("down", rows_per_expert)
         return BackwardConfigs(grad, grad, WgradConfig(), WgradConfig())
     wide = TileConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True, tma=True)
-    if element_size > 2:
+    if not wide_wgrad:
         return BackwardConfigs(wide, wide, WgradConfig(), WgradConfig())
     return BackwardConfigs(wide, wide, WgradConfig(128, 256, 64, num_warps=8, num_stages=5),
                            WgradConfig(256, 128, 64, num_warps=8, num_stages=6))

@@ -225,9 +225,18 @@ def moe_experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_do
     return y, {"act": act, "pre": pre, "schedule": schedule, "configs": (up_cfg, down_cfg)}
 
 
+def backward_configs(routing: Routing, operand: torch.Tensor) -> configs.BackwardConfigs:
+    """``configs.backward_rule`` for this routing's rows per expert, with the wide weight-gradient
+    tiles where they fit and were measured: 16-bit operands (``operand``: pre or its gradient) on a
+    Hopper-or-newer GPU, or under the interpreter (which has no shared memory to outgrow)."""
+    fits = operand.element_size() == 2 and (
+        interpreted() or (operand.is_cuda and _capability_major(operand.device) >= 9))
+    return configs.backward_rule(operand.shape[0] / routing.num_experts, wide_wgrad=fits)
+
+
 def backward_down(dy: torch.Tensor, pre: torch.Tensor, routing: Routing, w_down: torch.Tensor, *,
                   needs: tuple = (True, True, True), consume_pre: bool = False,
-                  tile_configs: tuple | None = None) -> tuple:
+                  tile_configs: configs.BackwardConfigs | None = None) -> tuple:
     """The down-projection's half of the backward: gradients of y with respect to (pre,
     routing.topk_weights, w_down), None where ``needs`` says not wanted. With slot s = (t, k) of
     expert e, weight p and grouped row r, and A_r = silu(gate_r) * up_r recomputed from pre:
@@ -238,12 +247,13 @@ def backward_down(dy: torch.Tensor, pre: torch.Tensor, routing: Routing, w_down:
     consume_pre: pre is not needed after this call (an autograd Function's saved tensor, one backward
     only): its gradient is written over it, each element where it was read, and returned in its
     place. Otherwise d pre gets a new buffer.
-    tile_configs: (dY GEMM, weight gradient) configurations instead of ``configs.backward_rule``'s.
+    tile_configs: a configs.BackwardConfigs to use instead of ``backward_configs``' (its grad and
+    wgrad_down).
     """
     slots, ffn = pre.shape[0], w_down.shape[2]
     num_tokens, top_k = routing.topk_ids.shape
-    rule = configs.backward_rule(slots / routing.num_experts, pre.element_size())
-    grad_cfg, wgrad_cfg = tile_configs or (rule.grad, rule.wgrad_down)
+    chosen = tile_configs or backward_configs(routing, pre)
+    grad_cfg, wgrad_cfg = chosen.grad, chosen.wgrad_down
     need_pre, need_weights, need_down = needs
     dy = dy.contiguous()
     g = dy.new_empty(slots, ffn)  # g, then p * A in its place
@@ -262,18 +272,20 @@ def backward_down(dy: torch.Tensor, pre: torch.Tensor, routing: Routing, w_down:
 
 
 def backward_up(d_pre: torch.Tensor, x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, *,
-                needs: tuple = (True, True), consume_d_pre: bool = False, tile_configs: tuple | None = None) -> tuple:
+                needs: tuple = (True, True), consume_d_pre: bool = False,
+                tile_configs: configs.BackwardConfigs | None = None) -> tuple:
     """The up-projection's half of the backward: gradients with respect to (x, w_gate_up) from the
     pre-activation's gradient d_pre [T*K, 2I], None where ``needs`` says not wanted:
       dW_gu_e = sum_r d_pre_r^T x[t]              a reduction over the expert's rows;
       dx[t]   = sum_k d_pre_r @ W_gu[e]           a grouped GEMM, scattered to slots, then summed.
     The [T*K, H] rows of dx live and die first, so that dW_gate_up is allocated with nothing else
     of that size held. consume_d_pre: release d_pre's memory once its last reader is done.
-    tile_configs: (dX GEMM, weight gradient) configurations instead of ``configs.backward_rule``'s.
+    tile_configs: a configs.BackwardConfigs to use instead of ``backward_configs``' (its dx and
+    wgrad_gate_up).
     """
     hidden = x.shape[1]
-    rule = configs.backward_rule(d_pre.shape[0] / routing.num_experts, d_pre.element_size())
-    dx_cfg, wgrad_cfg = tile_configs or (rule.dx, rule.wgrad_gate_up)
+    chosen = tile_configs or backward_configs(routing, d_pre)
+    dx_cfg, wgrad_cfg = chosen.dx, chosen.wgrad_gate_up
     need_x, need_gate_up = needs
     dx = d_gate_up = None
     if need_x:
@@ -292,7 +304,7 @@ def backward_up(d_pre: torch.Tensor, x: torch.Tensor, routing: Routing, w_gate_u
 
 def moe_experts_backward(dy: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, routing: Routing,
                          w_gate_up: torch.Tensor, w_down: torch.Tensor, *, needs: tuple = (True, True, True, True),
-                         consume_pre: bool = False, tile_configs: tuple | None = None) -> tuple:
+                         consume_pre: bool = False, tile_configs: configs.BackwardConfigs | None = None) -> tuple:
     """Gradients of ``moe_experts``' y with respect to (x, routing.topk_weights, w_gate_up, w_down):
     ``backward_down`` then ``backward_up`` (their docstrings have the math).
 
@@ -301,15 +313,13 @@ def moe_experts_backward(dy: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, r
     (None in their place otherwise). consume_pre: pre is not needed after this call; its memory
     becomes d pre's and is released at the end (pre is then an empty tensor). Otherwise pre is
     left as it was.
-    tile_configs: (dY GEMM, dX GEMM, weight gradients) to use instead of ``configs.backward_rule``.
+    tile_configs: a configs.BackwardConfigs to use instead of ``backward_configs``'.
     """
-    grad_cfg, dx_cfg, wgrad_cfg = tile_configs or (None, None, None)
     need_x, need_weights, need_gate_up, need_down = needs
     d_pre, d_weights, d_down = backward_down(dy, pre, routing, w_down, needs=(True, need_weights, need_down),
-                                             consume_pre=consume_pre,
-                                             tile_configs=tile_configs and (grad_cfg, wgrad_cfg))
+                                             consume_pre=consume_pre, tile_configs=tile_configs)
     dx, d_gate_up = backward_up(d_pre, x, routing, w_gate_up, needs=(need_x, need_gate_up), consume_d_pre=True,
-                                tile_configs=tile_configs and (dx_cfg, wgrad_cfg))
+                                tile_configs=tile_configs)
     return dx, d_weights, d_gate_up, d_down
 
 
