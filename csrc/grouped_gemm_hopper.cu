@@ -38,11 +38,12 @@
 // tiles i, i + gridDim.x, ...), which keeps them in step only while every tile costs the same.
 // With half tiles they drift apart, the tiles running at once stop being neighbours in the
 // grouped L2 order, and W's tiles are fetched from HBM again and again (DeepSeek-V3's
-// up-projection read far more bytes in a development Nsight Compute profile, not recorded). So the producer's thread 0 claims each next tile from a global counter (atomicAdd:
-// whichever CTA is free takes the next tile in order) and posts the number in a shared-memory
-// slot; the consumers (and, gathering, the producer warps) take it from there, guarded by a full
-// and an empty mbarrier per slot like the stages. A number past the last tile ends the kernel;
-// the last CTA to finish zeroes the counter for the next launch.
+// up-projection read far more bytes in a development Nsight Compute profile, not recorded). So
+// the producer's thread 0 claims each next tile from a global counter (atomicAdd: whichever CTA
+// is free takes the next tile in order) and posts the number in a shared-memory slot; the
+// consumers (and, gathering, the producer warps) take it from there, guarded by a full and an
+// empty mbarrier per slot like the stages. A number past the last tile ends the kernel; the last
+// CTA to finish zeroes the counter for the next launch.
 //
 // Ragged rows. A's tensor map covers all M rows, so the last row tile of an expert also loads
 // the first rows of the next expert (or zeros past M). Row i of C depends only on row i of A,

@@ -93,8 +93,8 @@ class _RouterLogits(torch.autograd.Function):
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for 16-bit a and b, summed and returned in fp32: one tensor-core GEMM on a GPU
-    (``out_dtype``); on the CPU, which has no such GEMM, the same numbers from fp32 copies (products
-    of 16-bit values are exact in fp32)."""
+    (``out_dtype``); on the CPU, which has no such GEMM, a GEMM of fp32 copies (the same exact
+    products, summed in fp32, perhaps in another order)."""
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()

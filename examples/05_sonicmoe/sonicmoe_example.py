@@ -295,8 +295,7 @@ def sonic_module_path(module, x: torch.Tensor) -> Path:
     def run(train: bool) -> torch.Tensor:
         if train:
             return sonic.module_forward(module, x_leaf, train=True)[0]
-        with torch.no_grad():
-            return sonic.module_forward(module, x)[0]
+        return sonic.module_forward(module, x)[0]  # inference: no autograd
 
     def grads() -> dict:
         gate_up = module.c_fc.weight.grad
