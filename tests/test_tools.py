@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import runpy
 import sys
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize("tool, args", [
@@ -34,3 +36,43 @@ def test_profile_kernels_names_a_backend_that_cannot_run(capsys, monkeypatch):
         runpy.run_path("tools/profile_kernels.py", run_name="__main__")
     assert done.value.code == 2
     assert "--backend grouped_mm: torch" in capsys.readouterr().err
+
+
+def run_profile_kernels(args, monkeypatch) -> int:
+    """profile_kernels.py's exit status on this CPU (a GPU, when there is one, is hidden from it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["profile_kernels.py", *args])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path("tools/profile_kernels.py", run_name="__main__")
+    return done.value.code
+
+
+def test_profile_kernels_records_its_table(tmp_path, monkeypatch, capsys):
+    args = ["--preset", "small", "--tokens", "8", "--backend", "torch", "--calls", "2", "--record", "--out", str(tmp_path)]
+    assert run_profile_kernels(args, monkeypatch) == 0
+    (path,) = tmp_path.glob("profile_kernels-*.json")
+    run = json.loads(path.read_text())
+    assert (run["preset"], run["tokens"], run["backend"], run["what"], run["calls"]) == ("small", 8, "torch", "forward", 2)
+    assert run["command"].startswith("profile_kernels.py --preset small")
+    times = [r["us_per_call"] for r in run["rows"]]
+    assert times == sorted(times, reverse=True) and times[0] > 0
+    assert sum(r["percent"] for r in run["rows"]) == pytest.approx(100.0)
+    assert any(r["kernel"] == "aten::matmul" for r in run["rows"])
+    assert f"recorded: {path}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "somewhere"], "--out: only with --record"),
+    (["--module", "--backend", "torch"], "--module: SonicMoE's module runs its own kernels, not --backend torch"),
+    (["--module"], "--module: "),
+])
+def test_profile_kernels_refuses_what_cannot_run(args, message, monkeypatch, capsys):
+    if args == ["--module"]:  # the module needs a GPU (and Python >= 3.12, and sonicmoe)
+        from tilemoe.backends import sonic
+
+        monkeypatch.setattr(sonic, "_python_reason", lambda: None)
+    assert run_profile_kernels(["--preset", "small", "--tokens", "4", *args], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if args == ["--module"]:
+        assert "SonicMoE runs on NVIDIA GPUs (CUDA), not on cpu" in err

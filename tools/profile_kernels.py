@@ -8,10 +8,16 @@ layer from its floor (router? metadata? the two GEMMs? the combine? the weight g
     python tools/profile_kernels.py --preset qwen3-30b-a3b --tokens 16384            # triton
     python tools/profile_kernels.py --preset deepseek-v3 --tokens 16384 --backend grouped_mm
     python tools/profile_kernels.py --preset olmoe-1b-7b --tokens 16384 --train      # a training step
+    python tools/profile_kernels.py --preset olmoe-1b-7b --tokens 16384 --train --module --record
     python tools/profile_kernels.py                          # CPU: small preset, torch ops' CPU time
 
 --train profiles what examples/06_full_moe/benchmark.py times as "fwd+bwd": an OptimizedMoELayer
-of the preset (router, aux loss, experts) run forward and backward, x wanting its gradient too.
+of the preset (router, aux loss, experts) run forward and backward, x wanting its gradient too
+(``tilemoe.layer.train_step``). --module profiles SonicMoE's own ``MoE`` module holding the same
+weights instead (it routes by itself: softmax over the top-k of bf16 logits, whatever the preset's
+router), the row lesson 6 and the variants benchmark compare with. --record writes the table to
+benchmarks/results/<gpu>/profile_kernels-<date>.json, so that a claim about where time goes can
+cite it.
 
 On a machine without a GPU the "kernels" are the CPU operators, which is only good for checking
 the script runs.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import sys
 
 import torch
@@ -28,6 +35,8 @@ from tabulate import tabulate
 
 import tilemoe
 from tilemoe import bench
+from tilemoe.backends import sonic
+from tilemoe.layer import train_step
 
 
 def short(name: str, width: int = 64) -> str:
@@ -52,12 +61,19 @@ def training_step(cfg, tokens: int, backend: str, device, dtype):
     aux loss, then the backward into x and every weight, as lesson 6's benchmark times it."""
     layer = tilemoe.OptimizedMoELayer.from_preset(cfg, device=device, dtype=dtype, backend=backend)
     x = torch.randn(tokens, cfg.hidden, device=device).to(dtype).requires_grad_()
+    return functools.partial(train_step, layer, x), "training step"
 
-    def step():
-        y, aux = layer(x, return_aux_loss=True)
-        (y.float().sum() + aux).backward()
 
-    return step, "training step"
+def module_call(cfg, tokens: int, train: bool, device):
+    """(SonicMoE's MoE module with the preset's weights: one inference forward or one training step,
+    what): as lesson 6 builds and times it (its aux loss scaled by the layer's weight)."""
+    layer = tilemoe.OptimizedMoELayer.from_preset(cfg, device=device, dtype=torch.bfloat16)
+    module = sonic.module_with_weights(layer.router_weight, layer.w_gate_up, layer.w_down, layer.top_k)
+    x = torch.randn(tokens, cfg.hidden, device=device).to(torch.bfloat16)
+    if train:
+        return functools.partial(sonic.module_train_step, module, x.requires_grad_(), layer.load_balance_weight), \
+            "training step"
+    return functools.partial(sonic.module_forward, module, x), "forward"
 
 
 def main(argv=None) -> int:
@@ -70,19 +86,34 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=5, help="calls recorded (default: 5)")
     parser.add_argument("--train", action="store_true",
                         help="profile a training step of OptimizedMoELayer (forward with the aux loss, backward)")
+    parser.add_argument("--module", action="store_true",
+                        help="profile SonicMoE's own MoE module with the preset's weights instead of a tilemoe backend")
+    parser.add_argument("--record", action="store_true",
+                        help="write the table to benchmarks/results/<gpu>/profile_kernels-<date>.json")
+    parser.add_argument("--out", default=None, help="with --record: write into this folder instead")
     args = parser.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     preset = args.preset or ("qwen3-30b-a3b" if on_gpu else "small")
     tokens = args.tokens or (16384 if on_gpu else 64)
-    backend = args.backend or ("triton" if on_gpu else "torch")
     if tokens < 1 or args.calls < 1:
         parser.error(f"--tokens and --calls: expected ints >= 1, got {tokens} and {args.calls}")
+    if args.out is not None and not args.record:
+        parser.error("--out: only with --record (it names where the recorded table goes)")
     cfg = tilemoe.get_preset(preset)
-    if (why := tilemoe.backends.unavailable_reason(backend, device, dtype, cfg.hidden, cfg.ffn)) is not None:
-        parser.error(f"--backend {backend}: {why}")
-    call, what = (training_step if args.train else forward_call)(cfg, tokens, backend, device, dtype)
+    if args.module:
+        if args.backend is not None:
+            parser.error(f"--module: SonicMoE's module runs its own kernels, not --backend {args.backend}")
+        if why := sonic.unavailable_reason(device, torch.bfloat16, cfg.hidden, cfg.ffn):
+            parser.error(f"--module: {why}")
+        backend = sonic.MODULE_NAME
+        call, what = module_call(cfg, tokens, args.train, device)
+    else:
+        backend = args.backend or ("triton" if on_gpu else "torch")
+        if (why := tilemoe.backends.unavailable_reason(backend, device, dtype, cfg.hidden, cfg.ffn)) is not None:
+            parser.error(f"--backend {backend}: {why}")
+        call, what = (training_step if args.train else forward_call)(cfg, tokens, backend, device, dtype)
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_gpu:
@@ -107,13 +138,21 @@ def main(argv=None) -> int:
         per_kernel[event.name][0] += 1
         per_kernel[event.name][1] += time_us
     total = sum(t for _, t in per_kernel.values())
-    rows = sorted(((short(name), n / args.calls, t / args.calls, 100 * t / total if total else 0.0)
-                   for name, (n, t) in per_kernel.items()), key=lambda r: -r[2])
+    rows = sorted(({"kernel": name, "launches_per_call": n / args.calls, "us_per_call": t / args.calls,
+                    "percent": 100 * t / total if total else 0.0}
+                   for name, (n, t) in per_kernel.items()), key=lambda r: -r["us_per_call"])
+    summary = {"preset": cfg.name, "tokens": tokens, "backend": backend, "what": what, "calls": args.calls,
+               "kernel_ms": total / args.calls / 1e3, "wall_ms": wall_ms,
+               "times": "GPU kernel time" if on_gpu else "CPU operator time"}
     print(f"{cfg.name}, T={tokens}, backend {backend}, {bench.device_name(device)}: "
-          f"{total / args.calls / 1e3:.3f} ms of {'kernel' if on_gpu else 'operator'} time and "
+          f"{summary['kernel_ms']:.3f} ms of {'kernel' if on_gpu else 'operator'} time and "
           f"{wall_ms:.3f} ms per {what} timed by tilemoe.bench, {len(rows)} distinct "
           f"{'kernels' if on_gpu else 'operators'}")
-    print(tabulate(rows, ["kernel" if on_gpu else "operator", "calls/call", "us/call", "%"], floatfmt=".1f"))
+    print(tabulate([[short(r["kernel"]), *list(r.values())[1:]] for r in rows],
+                   ["kernel" if on_gpu else "operator", "calls/call", "us/call", "%"], floatfmt=".1f"))
+    if args.record:
+        path = bench.record("profile_kernels", rows, device, out_dir=args.out, extra=summary)
+        print(f"recorded: {bench.repo_path(path)}")
     return 0
 
 

@@ -32,6 +32,7 @@ It exits with status 1 if a backend's output is outside the tolerance.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ from tabulate import tabulate
 import tilemoe
 from tilemoe import backends, bench
 from tilemoe.backends import sonic
+from tilemoe.layer import train_step
 
 BASELINE = "grouped_mm"
 MODULE_ROW = sonic.MODULE_NAME
@@ -61,11 +63,7 @@ def measure(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, ref: torch.Tensor
         err = tilemoe.rel_error(layer(x), ref)
         forward_ms = bench.time_ms(lambda: layer(x), device=device)
     layer.train()
-
-    def step():
-        y, aux = layer(x, return_aux_loss=True)
-        (y.float().sum() + aux).backward()
-
+    step = functools.partial(train_step, layer, x)
     return {"rel_error": err, "forward_ms": forward_ms, **time_step(step, [*layer.parameters(), x], device)}
 
 
@@ -94,11 +92,7 @@ def measure_module(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, device) ->
         ref = tilemoe.reference_moe(x.float(), **weights, top_k=layer.top_k, routing=routing)
         err = tilemoe.rel_error(sonic.module_forward(module, x)[0], ref)
         forward_ms = bench.time_ms(lambda: sonic.module_forward(module, x), device=device)
-
-    def step():
-        y, aux = sonic.module_forward(module, x, train=True)
-        (y.float().sum() + layer.load_balance_weight * aux).backward()
-
+    step = functools.partial(sonic.module_train_step, module, x, layer.load_balance_weight)
     return {"rel_error": err, "forward_ms": forward_ms, **time_step(step, [*module.parameters(), x], device)}
 
 

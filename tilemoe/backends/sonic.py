@@ -377,6 +377,13 @@ def module_forward(module, x: torch.Tensor, *, train: bool = False) -> tuple[tor
         return module(x, kernel_backend_moe=KernelBackendMoE.sonicmoe, is_inference_mode=not train)
 
 
+def module_train_step(module, x: torch.Tensor, aux_weight: float) -> None:
+    """``tilemoe.layer.train_step`` for SonicMoE's module: the forward with its load-balancing loss
+    scaled by aux_weight (the layer's ``load_balance_weight``), then the backward of sum(y) + that."""
+    y, aux = module_forward(module, x, train=True)
+    (y.float().sum() + aux_weight * aux).backward()
+
+
 def module_choice(module, x: torch.Tensor) -> tuple[torch.Tensor, str, int]:
     """The experts SonicMoE's module picks for x, so that a reference can replay its routing. The
     module rounds its router logits to bf16, where near-tied experts become exactly tied and its
