@@ -76,3 +76,26 @@ def test_profile_kernels_refuses_what_cannot_run(args, message, monkeypatch, cap
     assert message in err
     if args == ["--module"]:
         assert "SonicMoE runs on NVIDIA GPUs (CUDA), not on cpu" in err
+
+
+def test_profile_kernels_timeline_lists_one_call_in_launch_order(monkeypatch, capsys, tmp_path):
+    args = ["--preset", "small", "--tokens", "8", "--backend", "torch", "--calls", "2", "--timeline",
+            "--record", "--out", str(tmp_path)]
+    assert run_profile_kernels(args, monkeypatch) == 0
+    assert "launches in order" in capsys.readouterr().out
+    (path,) = tmp_path.glob("profile_kernels-*.json")
+    run = json.loads(path.read_text())
+    assert run["view"] == "timeline"
+    assert [r["position"] for r in run["rows"]] == list(range(1, len(run["rows"]) + 1))
+    assert run["rows"][1]["kernel"] == "_RouterLogits"  # after the reshape of x, in the order they ran
+    assert sum(r["percent"] for r in run["rows"]) == pytest.approx(100.0)
+
+
+def test_timeline_rows_refuses_calls_that_differ():
+    profile_kernels = runpy.run_path("tools/profile_kernels.py")
+    same = [(0, "a", 1.0), (1, "b", 3.0), (2, "a", 3.0), (3, "b", 1.0)]
+    assert profile_kernels["timeline_rows"](same, 2, 8.0) == [
+        {"position": 1, "kernel": "a", "us": 2.0, "percent": 50.0},
+        {"position": 2, "kernel": "b", "us": 2.0, "percent": 50.0}]
+    assert profile_kernels["timeline_rows"](same[:3], 2, 5.0) is None
+    assert profile_kernels["timeline_rows"]([*same[:2], (2, "b", 1.0), (3, "a", 1.0)], 2, 6.0) is None

@@ -13,7 +13,8 @@ layer from its floor (router? metadata? the two GEMMs? the combine? the weight g
 
 --train profiles what examples/06_full_moe/benchmark.py times as "fwd+bwd": an OptimizedMoELayer
 of the preset (router, aux loss, experts) run forward and backward, x wanting its gradient too
-(``tilemoe.layer.train_step``). --module profiles SonicMoE's own ``MoE`` module holding the same
+(``tilemoe.layer.train_step``). --timeline lists one call's launches in order, so that the four
+launches of one grouped GEMM kernel in a training step are told apart. --module profiles SonicMoE's own ``MoE`` module holding the same
 weights instead (it routes by itself: softmax over the top-k of bf16 logits, whatever the preset's
 router), the row lesson 6 and the variants benchmark compare with. --record writes the table to
 benchmarks/results/<gpu>/profile_kernels-<date>.json, so that a claim about where time goes can
@@ -76,6 +77,22 @@ def module_call(cfg, tokens: int, train: bool, device):
     return functools.partial(sonic.module_forward, module, x), "forward"
 
 
+def timeline_rows(launches: list, calls: int, total_us: float) -> list[dict] | None:
+    """One row per launch of one call, in launch order, each time the mean over the calls; None when
+    the calls did not launch the same kernels in the same order. launches: (start, name, us), sorted."""
+    per_call, extra = divmod(len(launches), calls)
+    if extra:
+        return None
+    names = [name for _, name, _ in launches[:per_call]]
+    if any(launches[c * per_call + i][1] != names[i] for c in range(calls) for i in range(per_call)):
+        return None
+    rows = []
+    for i, name in enumerate(names):
+        us = sum(launches[c * per_call + i][2] for c in range(calls)) / calls
+        rows.append({"position": i + 1, "kernel": name, "us": us, "percent": 100 * us * calls / total_us if total_us else 0.0})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default=None, choices=sorted(tilemoe.PRESETS),
@@ -88,6 +105,9 @@ def main(argv=None) -> int:
                         help="profile a training step of OptimizedMoELayer (forward with the aux loss, backward)")
     parser.add_argument("--module", action="store_true",
                         help="profile SonicMoE's own MoE module with the preset's weights instead of a tilemoe backend")
+    parser.add_argument("--timeline", action="store_true",
+                        help="list every launch of one call in launch order (its time averaged over the calls) "
+                             "instead of one row per kernel name: tells apart the launches of one kernel")
     parser.add_argument("--record", action="store_true",
                         help="write the table to benchmarks/results/<gpu>/profile_kernels-<date>.json")
     parser.add_argument("--out", default=None, help="with --record: write into this folder instead")
@@ -129,27 +149,37 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
     wall_ms = bench.time_ms(call, device=device)  # unprofiled: the profiler slows the host
 
-    per_kernel = collections.defaultdict(lambda: [0, 0.0])
-    for event in prof.events():
-        is_kernel = event.device_type == torch.autograd.DeviceType.CUDA if on_gpu else event.cpu_parent is None
-        if not is_kernel:
-            continue
-        time_us = event.device_time if on_gpu else event.cpu_time
-        per_kernel[event.name][0] += 1
-        per_kernel[event.name][1] += time_us
-    total = sum(t for _, t in per_kernel.values())
-    rows = sorted(({"kernel": name, "launches_per_call": n / args.calls, "us_per_call": t / args.calls,
-                    "percent": 100 * t / total if total else 0.0}
-                   for name, (n, t) in per_kernel.items()), key=lambda r: -r["us_per_call"])
+    launches = sorted(((event.time_range.start, event.name, event.device_time if on_gpu else event.cpu_time)
+                       for event in prof.events()
+                       if (event.device_type == torch.autograd.DeviceType.CUDA if on_gpu else event.cpu_parent is None)))
+    total = sum(t for _, _, t in launches)
+    if args.timeline:
+        rows = timeline_rows(launches, args.calls, total)
+        if rows is None:
+            parser.exit(1, f"--timeline: the {args.calls} calls did not launch the same kernels in the same order\n")
+    else:
+        per_kernel = collections.defaultdict(lambda: [0, 0.0])
+        for _, name, time_us in launches:
+            per_kernel[name][0] += 1
+            per_kernel[name][1] += time_us
+        rows = sorted(({"kernel": name, "launches_per_call": n / args.calls, "us_per_call": t / args.calls,
+                        "percent": 100 * t / total if total else 0.0}
+                       for name, (n, t) in per_kernel.items()), key=lambda r: -r["us_per_call"])
     summary = {"preset": cfg.name, "tokens": tokens, "backend": backend, "what": what, "calls": args.calls,
+               "view": "timeline" if args.timeline else "by kernel",
                "kernel_ms": total / args.calls / 1e3, "wall_ms": wall_ms,
                "times": "GPU kernel time" if on_gpu else "CPU operator time"}
     print(f"{cfg.name}, T={tokens}, backend {backend}, {bench.device_name(device)}: "
           f"{summary['kernel_ms']:.3f} ms of {'kernel' if on_gpu else 'operator'} time and "
-          f"{wall_ms:.3f} ms per {what} timed by tilemoe.bench, {len(rows)} distinct "
-          f"{'kernels' if on_gpu else 'operators'}")
-    print(tabulate([[short(r["kernel"]), *list(r.values())[1:]] for r in rows],
-                   ["kernel" if on_gpu else "operator", "calls/call", "us/call", "%"], floatfmt=".1f"))
+          f"{wall_ms:.3f} ms per {what} timed by tilemoe.bench, {len(rows)} "
+          f"{'launches in order' if args.timeline else 'distinct ' + ('kernels' if on_gpu else 'operators')}")
+    kind = "kernel" if on_gpu else "operator"
+    if args.timeline:
+        print(tabulate([[r["position"], short(r["kernel"]), r["us"], r["percent"]] for r in rows],
+                       ["#", kind, "us", "%"], floatfmt=".1f"))
+    else:
+        print(tabulate([[short(r["kernel"]), r["launches_per_call"], r["us_per_call"], r["percent"]] for r in rows],
+                       [kind, "calls/call", "us/call", "%"], floatfmt=".1f"))
     if args.record:
         path = bench.record("profile_kernels", rows, device, out_dir=args.out, extra=summary)
         print(f"recorded: {bench.repo_path(path)}")
