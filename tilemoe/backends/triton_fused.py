@@ -1,8 +1,9 @@
 """Backend "triton": the chapter's fused Triton kernels (tilemoe/triton/).
 
-The gather of x's rows is fused into the up-projection's loads, SwiGLU into its epilogue, the
-routing weights into the down-projection's epilogue, and the combine is one sum over each token's
-K rows. Four kernel launches after routing (schedule, two GEMMs, combine); no host synchronization.
+The gather of x's rows is fused into the up-projection's loads, SwiGLU into its epilogue, and the
+routing weights into the combine: one weighted sum over each token's K rows of the
+down-projection. Four kernel launches after routing (schedule, two GEMMs, combine); no host
+synchronization.
 
 Gradients: the backward runs in Triton too (``ops.backward_down`` and ``ops.backward_up``, one
 autograd node each), memory-lean like SonicMoE's: the forward saves only x, the pre-activation

@@ -19,15 +19,16 @@ fusions chosen by constexpr flags:
   permutation, so no permuted copy of x is ever written (the backward reads dY the same way).
 - SWIGLU: two accumulators, gate (W rows 0..N-1) and up (rows N..2N-1); the epilogue writes
   silu(gate) * up, and the pre-activation [gate | up] too when STORE_PRE (what a backward needs).
-- SCALE_ROWS + SCATTER_C: the down-projection multiplies row r by its slot's routing weight and
-  writes it to the slot's own row, sorted_slots[r], of a [T*K, N] output: the combine is then a
-  plain sum of each token's K consecutive rows (deterministic, no atomics). The backward's dX
-  scatters without scaling.
+- SCATTER_C: write row r to its slot's own row, sorted_slots[r], of a [T*K, N] output (the
+  backward's dX): summing each token's K consecutive rows then gives its gradient.
 
-``combine_kernel`` is that sum. Slots that no expert kept (capacity drops, the -1 padding of token
-rounding) were never written: it skips them by their id instead of reading zeros someone wrote.
-It also takes rows in expert order, unweighted (backend "cuda"'s plain down-projection): it then
-reads each slot's row through the inverse permutation and weights it.
+The down-projection writes its rows in expert order, unweighted: plain stores of whole tiles.
+``combine_kernel`` then reads each slot's row through the inverse permutation, multiplies it by
+the slot's routing weight and sums each token's K rows in fp32 (deterministic, no atomics). On
+the H200 that pair ran faster than weighting and scattering rows in the GEMM's epilogue (a
+development A/B on the four presets at 16384 tokens, not recorded). It also sums rows already in
+slot order (dX). Slots that no expert kept (capacity drops, the -1 padding of token rounding) were
+never written: it skips them by their id instead of reading zeros someone wrote.
 
 The backward's first GEMM, dY @ W_down, is a plain one (dY read through the permutation); then
 ``swiglu_backward_kernel`` recomputes the activation from the saved pre-activation and applies
@@ -79,12 +80,11 @@ def schedule_kernel(counts_ptr, offsets_ptr, block_expert_ptr, block_row_ptr, nu
 
 @triton.jit
 def _gemm_tile(
-    a_ptr, w_ptr, c_ptr, pre_ptr, gather_ptr, slot_ptr, scale_ptr,
+    a_ptr, w_ptr, c_ptr, pre_ptr, gather_ptr, slot_ptr,
     expert, row_start, row_end, pid_n, N, K,
     stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_pm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, SCATTER_C: tl.constexpr,
-    SCALE_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
     ROWS_FULL: tl.constexpr, EVEN_N: tl.constexpr, W_KN: tl.constexpr,
 ):
@@ -166,12 +166,8 @@ def _gemm_tile(
                 tl.store(pre, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
                 tl.store(pre + N, acc_up.to(pre_ptr.dtype.element_ty), mask=store_ok)
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
-    if SCATTER_C or SCALE_ROWS:
-        slots = tl.load(slot_ptr + rows_in)
-    if SCALE_ROWS:
-        acc = acc * tl.load(scale_ptr + slots).to(tl.float32)[:, None]
     if SCATTER_C:
-        out_rows = slots.to(tl.int64)
+        out_rows = tl.load(slot_ptr + rows_in).to(tl.int64)
     else:
         out_rows = rows64
     c_ptrs = c_ptr + out_rows[:, None] * stride_cm + cols[None, :]
@@ -184,14 +180,13 @@ def _gemm_tile(
 @triton.jit
 def grouped_gemm_kernel(
     a_ptr, a_half_ptr, w_ptr, c_ptr, pre_ptr,
-    gather_ptr, slot_ptr, scale_ptr,
+    gather_ptr, slot_ptr,
     block_expert_ptr, block_row_ptr, offsets_ptr, num_blocks_ptr,
     N, K,
     stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_pm,
     NUM_PROGRAMS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr, SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, SCATTER_C: tl.constexpr,
-    SCALE_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
     FLATTEN: tl.constexpr, ROWS_FULL: tl.constexpr, EVEN_N: tl.constexpr, W_KN: tl.constexpr,
     HALF_TAILS: tl.constexpr,
@@ -201,7 +196,6 @@ def grouped_gemm_kernel(
     a: [R, K] (or x [T, K] read through gather_ptr when GATHER_A), w: [E, N or 2N, K] at strides
     (stride_we, stride_wn, stride_wk) (the forward's weights have stride_wk = 1; the backward reads
     them transposed), c: [R, N] (or [T*K, N] written through slot_ptr when SCATTER_C).
-    SCALE_ROWS multiplies row r by scale[slot of r] (its routing weight).
     Programs walk tiles pid, pid + NUM_PROGRAMS, ...: a launch of one program per tile visits
     each once; a persistent launch of a few programs per SM loops (FLATTEN lets the software
     pipeline start the next tile's loads during this tile's epilogue).
@@ -241,16 +235,16 @@ def grouped_gemm_kernel(
         if HALF_TAILS and row_end - row_start <= BLOCK_M // 2:
             # The expert's last row block holds at most half a tile: a half-height tile does it
             # with half the MMA work (a_half_ptr: A's descriptor with half-height boxes, or A).
-            _gemm_tile(a_half_ptr, w_ptr, c_ptr, pre_ptr, gather_ptr, slot_ptr, scale_ptr,
+            _gemm_tile(a_half_ptr, w_ptr, c_ptr, pre_ptr, gather_ptr, slot_ptr,
                        expert, row_start, row_end, pid_n, N, K,
                        stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_pm,
-                       BLOCK_M // 2, BLOCK_N, BLOCK_K, GATHER_A, SWIGLU, STORE_PRE, SCATTER_C, SCALE_ROWS,
+                       BLOCK_M // 2, BLOCK_N, BLOCK_K, GATHER_A, SWIGLU, STORE_PRE, SCATTER_C,
                        EVEN_K, DOT_PRECISION, A_TMA, W_TMA, ROWS_FULL, EVEN_N, W_KN)
         else:
-            _gemm_tile(a_ptr, w_ptr, c_ptr, pre_ptr, gather_ptr, slot_ptr, scale_ptr,
+            _gemm_tile(a_ptr, w_ptr, c_ptr, pre_ptr, gather_ptr, slot_ptr,
                        expert, row_start, row_end, pid_n, N, K,
                        stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_pm,
-                       BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, SWIGLU, STORE_PRE, SCATTER_C, SCALE_ROWS,
+                       BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A, SWIGLU, STORE_PRE, SCATTER_C,
                        EVEN_K, DOT_PRECISION, A_TMA, W_TMA, ROWS_FULL, EVEN_N, W_KN)
 
 

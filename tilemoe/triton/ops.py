@@ -6,10 +6,10 @@ Four launches after routing, none waiting for the host:
 1. ``schedule_kernel``: per-expert counts -> the list of row blocks (expert, first row);
 2. up-projection: gather x's rows through the permutation, both halves of w_gate_up, SwiGLU in
    the epilogue -> A [T*K, I] in expert order;
-3. down-projection: A @ w_down[e]^T, each row scaled by its routing weight and written to its
-   slot's row -> [T, K, H];
-4. combine: y = the sum over K (one pass, fp32 accumulation, deterministic; unkept slots skipped).
-   ``combine(grouped=True)`` is how backend "cuda" combines its plain Hopper down-projection.
+3. down-projection: A @ w_down[e]^T, rows in expert order, plain stores -> [T*K, H];
+4. combine: y[t] = the sum over k of each slot's row, read through the inverse permutation and
+   multiplied by its routing weight (one pass, fp32 accumulation, deterministic; unkept slots
+   skipped). Backend "cuda" combines its Hopper down-projection's rows the same way.
 
     dx, d_weights, d_gate_up, d_down = moe_experts_backward(dy, x, pre, routing, w_gate_up, w_down)
 
@@ -114,14 +114,13 @@ class Schedule:
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: Schedule, config: configs.TileConfig,
                  *, n: int, gather: torch.Tensor | None = None, swiglu: bool = False, pre: torch.Tensor | None = None,
-                 scatter: bool = False, scale: torch.Tensor | None = None, out: torch.Tensor) -> torch.Tensor:
+                 scatter: bool = False, out: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = epilogue(a[rows] @ w[e, :n]^T) for every expert (grouped_gemm_kernel's flags).
 
     w [E, N, K] may be the transposed view of a contiguous [E, K, N] (the backward's): its TMA
     descriptor is then 3-D over that tensor (``W_KN``); SwiGLU's paired gate/up rows need [E, 2N, K].
-    scatter: write row r to its slot's row (``routing.sorted_slots``); scale: [T*K] fp32, each row
-    multiplied by its slot's entry. The caller has checked shapes, dtypes and contiguity
-    (``tilemoe.backends.triton_fused``).
+    scatter: write row r to its slot's row (``routing.sorted_slots``). The caller has checked
+    shapes, dtypes and contiguity (``tilemoe.backends.triton_fused``).
     """
     k = a.shape[1]
     tiles_n = triton.cdiv(n, config.block_n)
@@ -148,14 +147,12 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     grouped_gemm_kernel[(programs,)](
         a_arg, a_half, w_arg, out, pre if pre is not None else out,
         gather if gather is not None else dummy, routing.sorted_slots,
-        scale if scale is not None else dummy,
         schedule.expert, schedule.row, routing.offsets, schedule.num_blocks,
         n, k,
         a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0), pre.stride(0) if pre is not None else 0,
         programs,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         GATHER_A=gather is not None, SWIGLU=swiglu, STORE_PRE=swiglu and pre is not None, SCATTER_C=scatter,
-        SCALE_ROWS=scale is not None,
         EVEN_K=k % config.block_k == 0, DOT_PRECISION=dot_precision(a.dtype),
         A_TMA=a_tma, W_TMA=w_tma, FLATTEN=config.persistent and not interpreted(),
         ROWS_FULL=rows_full, EVEN_N=n % config.block_n == 0, W_KN=w_kn, HALF_TAILS=half_tails,
@@ -165,7 +162,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
 
 
 def slot_weights(routing: Routing) -> torch.Tensor:
-    """[T*K] fp32: each slot's routing weight, as the SCALE_ROWS epilogues read it."""
+    """[T*K] fp32: each slot's routing weight, as ``swiglu_backward_kernel`` reads it."""
     return routing.topk_weights.reshape(-1).to(torch.float32)
 
 
@@ -202,12 +199,11 @@ def up_projection(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, sc
 
 def down_projection(act: torch.Tensor, routing: Routing, w_down: torch.Tensor, schedule: Schedule,
                     config: configs.TileConfig) -> torch.Tensor:
-    """y [T, H]: each row of A @ W_down[e]^T times its routing weight, written to its slot's row,
-    then each token's K rows summed (``combine``)."""
+    """y [T, H]: the rows A @ W_down[e]^T in expert order, then each token's K rows weighted and
+    summed (``combine(grouped=True)``)."""
     rows = act.new_empty(act.shape[0], w_down.shape[1])  # dropped slots' rows stay unwritten: the combine skips them
-    grouped_gemm(act, w_down, routing, schedule, config, n=w_down.shape[1], scatter=True,
-                 scale=slot_weights(routing), out=rows)
-    return combine(rows, routing)
+    grouped_gemm(act, w_down, routing, schedule, config, n=w_down.shape[1], out=rows)
+    return combine(rows, routing, grouped=True)
 
 
 def moe_experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor,
@@ -368,9 +364,9 @@ def combine(rows: torch.Tensor, routing: Routing, *, grouped: bool = False) -> t
     """y [T, H] = the sum of each token's K expert outputs, in fp32, leaving out dropped slots
     (their rows were never written): ``combine_kernel``.
 
-    rows [T*K, H]: each slot's weighted output in slot order (the fused down-projection), so a
-    token's K rows are consecutive; or, grouped, the unweighted outputs in expert order (a plain
-    grouped GEMM's), read through ``routing.slot_position`` and weighted by ``topk_weights``.
+    rows [T*K, H]: grouped, the unweighted outputs in expert order (the down-projection's), read
+    through ``routing.slot_position`` and weighted by ``topk_weights``; or each slot's row in slot
+    order (the backward's dX, scattered), so that a token's K rows are consecutive and simply summed.
     """
     num_tokens, top_k = routing.topk_ids.shape
     hidden = rows.shape[1]
