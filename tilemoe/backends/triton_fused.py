@@ -12,7 +12,7 @@ and returns gradients for x, the routing weights (so the router, through PyTorch
 the routing) and both weight tensors. One backward per forward: it reuses the saved
 pre-activation's memory (``retain_graph=True`` and a second backward raise a RuntimeError).
 ``backend="auto"`` trains with it (FAST_BACKWARD): on the H200, a training step at 16384 tokens
-is 1.38x (OLMoE) and 1.46x (Qwen3) the grouped_mm path's speed (0.88x and 0.90x SonicMoE's own
+is 1.39x (OLMoE) and 1.48x (Qwen3) the grouped_mm path's speed (0.91x and 0.90x SonicMoE's own
 module's), with 0.50x and 0.53x its peak memory (examples/06_full_moe/README.md, recorded in
 benchmarks/results/nvidia-h200/full_moe-*).
 
