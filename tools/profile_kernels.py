@@ -14,11 +14,11 @@ layer from its floor (router? metadata? the two GEMMs? the combine? the weight g
 --train profiles what examples/06_full_moe/benchmark.py times as "fwd+bwd": an OptimizedMoELayer
 of the preset (router, aux loss, experts) run forward and backward, x wanting its gradient too
 (``tilemoe.layer.train_step``). --timeline lists one call's launches in order, so that the four
-launches of one grouped GEMM kernel in a training step are told apart. --module profiles SonicMoE's own ``MoE`` module holding the same
-weights instead (it routes by itself: softmax over the top-k of bf16 logits, whatever the preset's
-router), the row lesson 6 and the variants benchmark compare with. --record writes the table to
-benchmarks/results/<gpu>/profile_kernels-<date>.json, so that a claim about where time goes can
-cite it.
+launches of one grouped GEMM kernel in a training step are told apart. --module profiles SonicMoE's
+own ``MoE`` module holding the same weights instead (it routes by itself: softmax over the top-k of
+bf16 logits, whatever the preset's router), the row lesson 6 and the variants benchmark compare
+with. --record writes the table to benchmarks/results/<gpu>/profile_kernels-<date>.json, so that a
+claim about where time goes can cite it.
 
 On a machine without a GPU the "kernels" are the CPU operators, which is only good for checking
 the script runs.
