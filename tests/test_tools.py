@@ -26,18 +26,6 @@ def test_profiling_tools_run_and_print_their_table(tool, args, capsys, monkeypat
         assert "per training step" in out and "Backward" in out
 
 
-def test_profile_kernels_names_a_backend_that_cannot_run(capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["profile_kernels.py", "--backend", "grouped_mm", "--preset", "small",
-                                      "--tokens", "4", "--calls", "1"])
-    import tilemoe
-
-    monkeypatch.setattr(tilemoe.backends.grouped_mm, "grouped_mm_op", None)
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path("tools/profile_kernels.py", run_name="__main__")
-    assert done.value.code == 2
-    assert "--backend grouped_mm: torch" in capsys.readouterr().err
-
-
 def run_profile_kernels(args, monkeypatch) -> int:
     """profile_kernels.py's exit status on this CPU (a GPU, when there is one, is hidden from it)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -45,6 +33,15 @@ def run_profile_kernels(args, monkeypatch) -> int:
     with pytest.raises(SystemExit) as done:
         runpy.run_path("tools/profile_kernels.py", run_name="__main__")
     return done.value.code
+
+
+def test_profile_kernels_names_a_backend_that_cannot_run(capsys, monkeypatch):
+    import tilemoe
+
+    monkeypatch.setattr(tilemoe.backends.grouped_mm, "grouped_mm_op", None)
+    args = ["--backend", "grouped_mm", "--preset", "small", "--tokens", "4", "--calls", "1"]
+    assert run_profile_kernels(args, monkeypatch) == 2
+    assert "--backend grouped_mm: torch" in capsys.readouterr().err
 
 
 def test_profile_kernels_records_its_table(tmp_path, monkeypatch, capsys):
