@@ -14,8 +14,10 @@ winning BLOCK_M. The winners go to ``--out`` (default tilemoe/triton/tuned/<gpu>
 
 With --backward it times the backward's two weight gradients instead (``grouped_wgrad_kernel``:
 dW_down reads dY through the permutation, dW_gate_up reads x through it) over tile shapes and
-pipeline depths, each checked against torch, beside ``configs.backward_rule``'s choice; it writes no
-table (the backward takes a rule), and --record keeps the sweep as JSON in benchmarks/results/<gpu>/.
+pipeline depths, each checked against torch, beside ``configs.backward_rule``'s choice and, where
+it runs (tilemoe._C built for 90a on an H100/H200), the CUDA kernel the backward takes there
+(``tilemoe.cuda.grouped_wgrad``); it writes no table (the backward takes a rule), and --record
+keeps the sweep as JSON in benchmarks/results/<gpu>/.
 
 Run it (GPU only; a few minutes)::
 
@@ -140,7 +142,7 @@ def tune_backward(args, configs, ops, device) -> int:
                 times = {}
                 for c in dict.fromkeys([chosen, *wgrad_candidates(configs)]):
                     try:
-                        run = lambda: ops.weight_gradient(a, b, routing, c, dtype=a.dtype, **gathers)  # noqa: E731
+                        run = lambda: ops.weight_gradient(a, b, routing, c, dtype=a.dtype, kernel="triton", **gathers)  # noqa: E731
                         err = wgrad_error(run(), a, b, routing, **gathers)
                         if err > 1e-2:
                             raise AssertionError(f"{gradient} {c}: rel. error {err:.2e}")
@@ -153,14 +155,25 @@ def tune_backward(args, configs, ops, device) -> int:
                 best = min(times, key=times.get)
                 for c, ms in times.items():
                     rows.append({"preset": preset, "tokens": tokens, "gradient": gradient, "rows_per_expert": m,
-                                 "config": dataclasses.asdict(c), "ms": ms,
+                                 "kernel": "triton", "config": dataclasses.asdict(c), "ms": ms,
                                  "tflops": bench.tflops(flops, ms), "rule": c == chosen})
+                cuda_ms = None
+                if ops.cuda_wgrad_reason(a, b, gathers.get("a_gather"), gathers.get("b_gather"), a.dtype) is None:
+                    run = lambda: ops.weight_gradient(a, b, routing, chosen, dtype=a.dtype, kernel="cuda", **gathers)  # noqa: E731
+                    err = wgrad_error(run(), a, b, routing, **gathers)
+                    if err > 1e-2:
+                        raise AssertionError(f"{gradient} cuda: rel. error {err:.2e}")
+                    cuda_ms = bench.time_ms(run)
+                    rows.append({"preset": preset, "tokens": tokens, "gradient": gradient, "rows_per_expert": m,
+                                 "kernel": "cuda", "config": None, "ms": cuda_ms,
+                                 "tflops": bench.tflops(flops, cuda_ms), "rule": False})
                 table.append([preset, tokens, gradient, describe_wgrad(best), times[best], describe_wgrad(chosen),
-                              times.get(chosen), bench.tflops(flops, times[best])])
+                              times.get(chosen), bench.tflops(flops, times[best]), cuda_ms,
+                              bench.tflops(flops, cuda_ms) if cuda_ms else None])
                 print(f"  {preset} T={tokens} {gradient}: " + ", ".join(
                     f"{describe_wgrad(c)}: {t:.3f}" for c, t in times.items()), flush=True)
     print(tabulate(table, ["preset", "tokens", "gradient", "best config", "ms", "rule's config", "rule ms",
-                           "best TFLOP/s"], floatfmt=".3f"))
+                           "best TFLOP/s", "cuda ms", "cuda TFLOP/s"], floatfmt=".3f"))
     if args.record:
         print(f"recorded: {bench.record('tune_backward', rows, device)}")
     return 0

@@ -59,9 +59,8 @@
 #include "tilemoe/sm80_instructions.cuh"  // cp.async: the gathered rows of x
 #include "tilemoe/sm90_instructions.cuh"
 #include "tilemoe/swizzle.cuh"  // swizzled<64>: the staged C boxes, in TMA's 128-byte swizzle
+#include "tilemoe/tensor_map.cuh"
 #include "tilemoe/tile_scheduler.cuh"
-
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 #include <algorithm>
 
@@ -434,63 +433,12 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
 #endif  // TILEMOE_SM90A
 }
 
-// cuTensorMapEncodeTiled lives in the driver (libcuda); the runtime hands out its address, so
-// nothing links libcuda directly.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encoder;
-}
-
-// A bf16 tensor map over a row-major tensor: dims innermost first (K first), boxes of
-// box[0] x box[1] (x 1) elements, 128-byte swizzle to match tile_descriptor.
-cudaError_t encode(CUtensorMap* map, const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides,
-                   const cuuint32_t* box) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encoder = tensor_map_encoder();
-  if (encoder == nullptr) return cudaErrorNotSupported;
-  const cuuint32_t element_strides[3] = {1, 1, 1};
-  const CUresult result =
-      encoder(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, const_cast<void*>(base), dims, strides, box,
-              element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
 // The SMs of the device, once per device and kernel (with the shared-memory limit raised), or
-// cudaErrorNotSupported when this GPU cannot run the kernel: not compute capability 9.0, or this
-// library was built without the sm_90a target.
+// cudaErrorNotSupported when this GPU cannot run the kernel.
 template <HopperKernel kKernel, Fusion kFusion>
 cudaError_t persistent_ctas(int* ctas) {
   static int cache[kMaxCachedDevices] = {};
-  return cached_per_device(cache, ctas, [](int device, int* found) {
-    int major = 0, minor = 0, sms = 0;
-    cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-    if (major != 9 || minor != 0) return cudaErrorNotSupported;
-    cudaFuncAttributes attributes;
-    err = cudaFuncGetAttributes(&attributes, grouped_gemm_hopper_kernel<kKernel, kFusion>);
-    if (err == cudaErrorInvalidDeviceFunction || err == cudaErrorNoKernelImageForDevice) {
-      (void)cudaGetLastError();  // not built for this GPU: clear the error, report "not supported"
-      return cudaErrorNotSupported;
-    }
-    if (err != cudaSuccess) return err;
-    if (attributes.binaryVersion != 90) return cudaErrorNotSupported;  // e.g. sm_80 code JIT-compiled
-    err = cudaFuncSetAttribute(grouped_gemm_hopper_kernel<kKernel, kFusion>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(kKernel, kFusion));
-    if (err != cudaSuccess) return err;
-    *found = sms;  // about 200 KB of shared memory: one CTA per SM
-    return cudaSuccess;
-  });
+  return sm90a_persistent_ctas(cache, grouped_gemm_hopper_kernel<kKernel, kFusion>, smem_bytes(kKernel, kFusion), ctas);
 }
 
 // A row-major bf16 [rows, cols] as a 2-D tensor map with boxes of box_rows x 64.

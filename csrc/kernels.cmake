@@ -24,6 +24,7 @@ add_library(tilemoe_kernels STATIC
   ${CMAKE_CURRENT_LIST_DIR}/grouped_gemm_hopper.cu
   ${CMAKE_CURRENT_LIST_DIR}/grouped_gemm_naive.cu
   ${CMAKE_CURRENT_LIST_DIR}/grouped_gemm_tiled.cu
+  ${CMAKE_CURRENT_LIST_DIR}/grouped_wgrad_hopper.cu
   ${CMAKE_CURRENT_LIST_DIR}/mma_peak.cu)
 target_include_directories(tilemoe_kernels PUBLIC ${CMAKE_CURRENT_LIST_DIR}/include)
 target_link_libraries(tilemoe_kernels PUBLIC CUDA::cudart_static)

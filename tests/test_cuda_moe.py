@@ -1,5 +1,6 @@
-"""tilemoe.cuda.moe_up, the MoE layer's fused Hopper up-projection (csrc/grouped_gemm_hopper.cu), and
-backend "cuda", which runs it.
+"""tilemoe.cuda.moe_up, the MoE layer's fused Hopper up-projection (csrc/grouped_gemm_hopper.cu),
+backend "cuda", which runs it, and tilemoe.cuda.grouped_wgrad, the weight gradients the Triton
+backward takes on such a GPU (csrc/grouped_wgrad_hopper.cu).
 
 Argument checks run anywhere (they come before any kernel). The kernels run with `pytest -m gpu` on
 a compute capability 9.0 GPU: every element against an fp32 reference, outputs poisoned with NaN
@@ -10,6 +11,8 @@ first, ragged experts (empty, one row, one expert with everything, rows not a mu
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -231,3 +234,125 @@ def test_one_tile_counter_serves_launches_in_order(monkeypatch):
         assert_every_element_close(act, up_ref)
         assert_every_element_close(out, down_ref)
         assert counter.eq(0).all(), counter.tolist()
+
+
+# %% The weight gradients (csrc/grouped_wgrad_hopper.cu) -------------------------------------------
+
+def make_wgrad(counts: list[int], num_tokens: int, n1: int, n2: int, gather_side: str, seed: int = 0):
+    """(a, b, offsets, gathers): the in-place operand has one row per grouped row, the gathered
+    one a row per token, gather entries random tokens (repeats allowed)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = sum(counts)
+    gather = torch.randint(0, max(num_tokens, 1), (rows,), generator=g).cuda()
+    a_rows, b_rows = (num_tokens, rows) if gather_side == "a" else (rows, num_tokens)
+    a = torch.randn(a_rows, n1, generator=g).bfloat16().cuda()
+    b = torch.randn(b_rows, n2, generator=g).bfloat16().cuda()
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    return a, b, offsets, {f"{gather_side}_gather": gather}
+
+
+def wgrad_reference(a, b, offsets, a_gather=None, b_gather=None) -> torch.Tensor:
+    ends = offsets.tolist()
+    out = torch.zeros(len(ends) - 1, a.shape[1], b.shape[1], device=a.device)
+    for e in range(len(ends) - 1):
+        rows = torch.arange(ends[e], ends[e + 1], device=a.device)
+        out[e] = (a[a_gather[rows] if a_gather is not None else rows].float().T
+                  @ b[b_gather[rows] if b_gather is not None else rows].float())
+    return out
+
+
+def _wgrad_args(**change):
+    a, b = torch.zeros(6, 16, dtype=torch.bfloat16), torch.zeros(8, 24, dtype=torch.bfloat16)
+    args = dict(a=a, b=b, offsets=torch.tensor([0, 3, 8], dtype=torch.int32), b_gather=torch.zeros(8, dtype=torch.int64))
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change, exc, message",
+    [
+        (dict(a_gather=torch.zeros(8, dtype=torch.int64)), ValueError,
+         "a_gather: expected exactly one of a_gather and b_gather (the operand read through the permutation), got both"),
+        (dict(b_gather=None), ValueError,
+         "a_gather: expected exactly one of a_gather and b_gather (the operand read through the permutation), got neither"),
+        (dict(b=torch.zeros(8, 24)), TypeError, "b: expected dtype torch.bfloat16, got torch.float32"),
+        ({}, ValueError, "a: expected a CUDA tensor, got device cpu"),
+    ],
+    ids=["both-gathered", "none-gathered", "b-dtype", "cpu"],
+)
+def test_wgrad_argument_errors(change, exc, message):
+    with pytest.raises(exc) as info:
+        tcuda.grouped_wgrad(**_wgrad_args(**change))
+    assert str(info.value) == message
+
+
+def test_weight_gradient_kernel_choice_is_checked():
+    from tilemoe.triton import configs, ops
+
+    a = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="^kernel: expected \"auto\", \"triton\" or \"cuda\", got 'cutlass'$"):
+        ops.weight_gradient(a, a, None, configs.WgradConfig(), dtype=a.dtype, kernel="cutlass")
+    with pytest.raises(RuntimeError, match=r"^weight_gradient\(kernel='cuda'\) cannot run here: the operands are not on a CUDA device$"):
+        ops.weight_gradient(a, a, None, configs.WgradConfig(), a_gather=torch.zeros(4, dtype=torch.int64),
+                            dtype=a.dtype, kernel="cuda")
+
+
+# name -> (rows per expert, tokens, N1, N2): empty experts, one row, one expert with everything,
+# rows not a multiple of the 64-row k-step, N1 and N2 off the 128 x 256 tile.
+WGRAD_CASES = {
+    "tile-multiples": ([128, 256, 0, 64], 300, 128, 256),
+    "not-tile-multiples": ([129, 127, 1, 255, 0, 300, 63, 2], 500, 136, 200),
+    "one-expert-takes-all": ([0, 0, 517, 0], 517, 256, 512),
+    "single-row": ([0, 1], 1, 64, 64),
+    "narrow": ([5, 131, 9], 40, 8, 8),
+    "many-experts": ([3 * (e % 5) for e in range(256)], 200, 64, 96),
+}
+
+
+@on_hopper
+@pytest.mark.parametrize("gather_side", ["a", "b"])
+@pytest.mark.parametrize("case", list(WGRAD_CASES))
+def test_wgrad_matches_fp32_on_every_element(case, gather_side):
+    counts, num_tokens, n1, n2 = WGRAD_CASES[case]
+    a, b, offsets, gathers = make_wgrad(counts, num_tokens, n1, n2, gather_side, seed=len(case))
+    out = torch.full((len(counts), n1, n2), float("nan"), dtype=torch.bfloat16, device="cuda")
+    dw = tcuda.grouped_wgrad(a, b, offsets, out=out, **gathers)
+    assert dw.data_ptr() == out.data_ptr()
+    assert_every_element_close(dw, wgrad_reference(a, b, offsets, **gathers))
+
+
+@on_hopper
+@pytest.mark.parametrize("gather_side", ["a", "b"])
+def test_wgrad_ignores_rows_past_the_last_offset(gather_side):
+    """Dropped slots sit past offsets[E]: the in-place operand's rows there may hold anything (here
+    NaN) and their gather entries may point anywhere; neither is read."""
+    a, b, offsets, gathers = make_wgrad([70, 0, 20], 40, 128, 256, gather_side, seed=4)
+    short = offsets.clone()
+    short[-1] = 85  # the last expert keeps 15 of its 20 rows
+    gather = next(iter(gathers.values()))
+    gather[85:] = 10**6
+    (b if gather_side == "a" else a)[85:] = float("nan")
+    dw = tcuda.grouped_wgrad(a, b, short, validate=False, **gathers)
+    gather[85:] = 0
+    assert_every_element_close(dw, wgrad_reference(a, b, short, **gathers))
+    assert dw[1].eq(0).all()  # an expert without rows gets zeros
+
+
+@on_hopper
+def test_weight_gradient_auto_takes_the_cuda_kernel_and_triton_agrees():
+    from tilemoe.triton import configs, ops
+
+    a, b, offsets, gathers = make_wgrad([300, 5, 0, 128], 200, 256, 384, "b", seed=9)
+    routing = mock_routing(offsets)
+    ref = wgrad_reference(a, b, offsets, **gathers)
+    for kernel in ("auto", "cuda", "triton"):
+        dw = ops.weight_gradient(a, b, routing, configs.WgradConfig(), dtype=torch.bfloat16, kernel=kernel, **gathers)
+        assert_every_element_close(dw, ref)
+    with mock.patch.object(tcuda, "grouped_wgrad", wraps=tcuda.grouped_wgrad) as cuda_wgrad:
+        ops.weight_gradient(a, b, routing, configs.WgradConfig(), dtype=torch.bfloat16, **gathers)
+    assert cuda_wgrad.call_count == 1
+
+
+def mock_routing(offsets: torch.Tensor):
+    """What weight_gradient reads of a Routing: its offsets and expert count."""
+    return SimpleNamespace(offsets=offsets, num_experts=offsets.numel() - 1)

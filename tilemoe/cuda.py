@@ -28,7 +28,7 @@ except ImportError:  # built without nvcc: the pure-Python install
 
 __all__ = [
     "available", "unavailable_reason", "expert_counts", "grouped_gemm", "GROUPED_GEMM_VARIANTS",
-    "hopper_unavailable_reason", "moe_up", "mma_peak_probe",
+    "hopper_unavailable_reason", "moe_up", "grouped_wgrad", "mma_peak_probe",
 ]
 
 _INT32_MAX = 2**31 - 1
@@ -306,7 +306,7 @@ def _check_grouping(offsets: torch.Tensor, num_experts: int, rows: int, index: t
                 checks.fail(index_name, f"entries in [0, {bound}) for the rows offsets cover", lo if lo < 0 else hi)
 
 
-def _out(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor, *, shape_text: str | None = None,
+def _out(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor, *, shape_text: str | None = None,
          device_text: str | None = None) -> torch.Tensor:
     """out after checking it (bf16, shape, contiguous, like's device, 16-byte aligned: the epilogues
     store 16-byte pieces and TMA boxes), or a new tensor. *_text: how the expectation is worded."""
@@ -315,7 +315,7 @@ def _out(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor, *
     checks.check_tensor("out", out)
     if out.dtype != torch.bfloat16:
         checks.fail("out", "dtype torch.bfloat16", out.dtype, TypeError)
-    checks.check_shape("out", out, shape, shape_text or f"[{shape[0]}, {shape[1]}]")
+    checks.check_shape("out", out, shape, shape_text or f"[{', '.join(map(str, shape))}]")
     checks.check_contiguous("out", out)
     if out.device != like.device:
         checks.fail("out", device_text or f"device {like.device}", out.device)
@@ -359,6 +359,56 @@ def moe_up(x: torch.Tensor, w_gate_up: torch.Tensor, offsets: torch.Tensor, gath
                          act.data_ptr(), rows, num_experts, ffn, k, _tile_counter(x.device).data_ptr(),
                          torch.cuda.current_stream(x.device).cuda_stream, x.device.index)
     return act
+
+
+def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, a_gather: torch.Tensor | None = None,
+                  b_gather: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                  validate: bool = True) -> torch.Tensor:
+    """The weight gradients of a grouped GEMM: ``out[e] = A_e^T @ B_e`` summed over expert e's
+    grouped rows r (``offsets[e] <= r < offsets[e + 1]``), where row r of A is ``a[a_gather[r]]``
+    (or ``a[r]`` without a_gather) and likewise for B. Exactly one operand is gathered: dW_down =
+    dY^T (p * A) reads dY through the permutation (a_gather), dW_gate_up = d pre^T x reads x
+    (b_gather); the other is read in place by TMA. (csrc/grouped_wgrad_hopper.cu)
+
+    Args:
+        a: [Ra, N1] bfloat16 CUDA tensor, contiguous; N1 a multiple of 8.
+        b: [Rb, N2] bfloat16, contiguous; N2 a multiple of 8.
+        offsets: [E + 1] int32: a Routing's offsets; offsets[E] <= the in-place operand's rows.
+        a_gather / b_gather: [M] int64, the gathered operand's row of each grouped row (a Routing's
+            ``sorted_tokens``); exactly one of them.
+        out: [E, N1, N2] bfloat16 to write into, or None for a new tensor.
+        validate: check the offsets and the gathered indices first (one host sync). With False
+            nothing is read back (a hot path, CUDA-graph capture).
+
+    Returns:
+        out [E, N1, N2] bfloat16 (fp32 accumulation, rounded once); experts without rows get
+        zeros. Runs on a compute capability 9.0 GPU (a build with the 90a target) on the current
+        stream; RuntimeError with the reason elsewhere.
+    """
+    if (a_gather is None) == (b_gather is None):
+        checks.fail("a_gather", "exactly one of a_gather and b_gather (the operand read through the permutation)",
+                    "both" if a_gather is not None else "neither")
+    gather_a = a_gather is not None
+    gather, gather_name = (a_gather, "a_gather") if gather_a else (b_gather, "b_gather")
+    _check_operands("grouped_wgrad", {"a": (a, 2, torch.bfloat16), "b": (b, 2, torch.bfloat16),
+                                      "offsets": (offsets, 1, torch.int32), gather_name: (gather, 1, torch.int64)}, a)
+    dense, gathered = (b, a) if gather_a else (a, b)
+    n1, n2 = a.shape[1], b.shape[1]
+    for name, n in (("a", n1), ("b", n2)):
+        if n == 0 or n % 8 or n > _INT32_MAX // 8:
+            checks.fail(name, "columns a positive multiple of 8 (16-byte rows)", f"{n} (shape {list((a if name == 'a' else b).shape)})")
+    num_experts = offsets.shape[0] - 1
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        checks.fail("offsets", f"shape [E + 1] with 1 <= E <= {MAX_EXPERTS}", list(offsets.shape))
+    rows = dense.shape[0]
+    _check_grouping(offsets, num_experts, rows, gather, gather_name, gathered.shape[0], validate)
+    out = _out(out, (num_experts, n1, n2), a, shape_text=f"[E, N1, N2] = [{num_experts}, {n1}, {n2}]")
+    if rows == 0 or gathered.shape[0] == 0:  # no grouped rows at all: every expert's gradient is zero
+        return out.zero_()
+    _C.grouped_wgrad_hopper(dense.data_ptr(), rows, gathered.data_ptr(), gather.data_ptr(), gather_a,
+                            offsets.data_ptr(), out.data_ptr(), num_experts, n1, n2,
+                            torch.cuda.current_stream(a.device).cuda_stream, a.device.index)
+    return out
 
 
 def _tile_counter(device: torch.device) -> torch.Tensor:

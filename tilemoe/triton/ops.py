@@ -319,12 +319,47 @@ def moe_experts_backward(dy: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, r
     return dx, d_weights, d_gate_up, d_down
 
 
+def cuda_wgrad_reason(a: torch.Tensor, b: torch.Tensor, a_gather: torch.Tensor | None,
+                      b_gather: torch.Tensor | None, dtype: torch.dtype) -> str | None:
+    """Why ``weight_gradient`` cannot take the CUDA Hopper kernel (``tilemoe.cuda.grouped_wgrad``)
+    for these operands, or None: it needs bfloat16 on a GPU of compute capability 9.0 with
+    tilemoe._C built for 90a, exactly one operand gathered, and 16-byte aligned rows."""
+    from .. import cuda
+
+    if not a.is_cuda:
+        return "the operands are not on a CUDA device"
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or dtype != torch.bfloat16:
+        return f"the CUDA weight gradient takes bfloat16, not {a.dtype} / {b.dtype} -> {dtype}"
+    if (a_gather is None) == (b_gather is None):
+        return "the CUDA weight gradient reads exactly one operand through the permutation"
+    if a.shape[1] % 8 or b.shape[1] % 8 or not (a.is_contiguous() and b.is_contiguous()):
+        return "the CUDA weight gradient needs contiguous operands with a multiple of 8 columns"
+    if a.data_ptr() % 16 or b.data_ptr() % 16:
+        return "the CUDA weight gradient needs 16-byte aligned operands"
+    return cuda.hopper_unavailable_reason(a.device)
+
+
 def weight_gradient(a: torch.Tensor, b: torch.Tensor, routing: Routing, config: configs.WgradConfig, *,
                     a_gather: torch.Tensor | None = None, b_gather: torch.Tensor | None = None,
-                    dtype: torch.dtype) -> torch.Tensor:
+                    dtype: torch.dtype, kernel: str = "auto") -> torch.Tensor:
     """dW [E, N1, N2]: for every expert e, the sum over its grouped rows r of a[r]^T b[r] (a row
-    read through a_gather / b_gather when given): ``grouped_wgrad_kernel``. Experts with no rows
-    get zeros. An operand read in place loads through a TMA descriptor where config.tma allows."""
+    read through a_gather / b_gather when given). Experts with no rows get zeros.
+
+    kernel: "triton", ``grouped_wgrad_kernel`` with config's tiles (an operand read in place loads
+    through a TMA descriptor where config.tma allows); "cuda", the warp-specialized Hopper kernel
+    (``tilemoe.cuda.grouped_wgrad``, csrc/grouped_wgrad_hopper.cu; RuntimeError where it cannot
+    run, with ``cuda_wgrad_reason``'s reason); "auto", cuda where it runs, else triton.
+    ``benchmarks/tune_triton.py --backward`` times both."""
+    if kernel not in ("auto", "triton", "cuda"):
+        checks.fail("kernel", '"auto", "triton" or "cuda"', repr(kernel))
+    if kernel != "triton":
+        why = cuda_wgrad_reason(a, b, a_gather, b_gather, dtype)
+        if why is None:
+            from .. import cuda
+
+            return cuda.grouped_wgrad(a, b, routing.offsets, a_gather=a_gather, b_gather=b_gather, validate=False)
+        if kernel == "cuda":
+            raise RuntimeError(f"weight_gradient(kernel='cuda') cannot run here: {why}")
     n1, n2 = a.shape[1], b.shape[1]
     num_experts = routing.num_experts
     out = torch.empty(num_experts, n1, n2, dtype=dtype, device=a.device)

@@ -95,6 +95,12 @@ __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void*
                "r"(shared_address(src)), "r"(x), "r"(y)
                : "memory");
 }
+// The same through a 3-D map: the box at (x, y, z).
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, const void* src, int x, int y, int z) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(map),
+               "r"(shared_address(src)), "r"(x), "r"(y), "r"(z)
+               : "memory");
+}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Wait until this thread's bulk groups, all but kPending, have read their shared memory (the
 // buffer may be rewritten); the global writes may still be in flight.
@@ -148,11 +154,26 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[kCount]) {
   for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// d[64 x 256] (+)= A[64 x 16] * B[16 x 256]: A and B from shared memory (descriptors), both
-// K-major (a row of A and a row of W are contiguous along K), bf16 in, fp32 accumulate. Issued by
-// a whole warpgroup; thread t of it holds rows 16 * (t / 32) + (t % 32) / 4 (+ 8) of d: register
-// 4 j + {0, 1} at columns 8 j + 2 (t % 4) + {0, 1}, 4 j + {2, 3} the same columns 8 rows down.
+// The descriptor of an MN-major tile (the weight gradients' operands: a k-step is 64 rows of a
+// row-major [rows, N] tensor, so M or N is the contiguous direction), stored as TMA's 128-byte
+// swizzle writes a box of 64 rows x 64 columns: each 128-byte row holds 64 M (or N) values of one
+// k, 8 rows make a 1024-byte swizzle atom. The stride byte offset steps 8 k (one atom, 1024
+// bytes); the leading byte offset steps 64 M or N values (the next box, box_bytes on).
+__device__ __forceinline__ uint64_t mn_major_descriptor(const void* tile, uint32_t box_bytes) {
+  uint64_t desc = (shared_address(tile) & 0x3FFFF) >> 4;
+  desc |= static_cast<uint64_t>(box_bytes >> 4) << 16;  // leading byte offset: the next 64 columns
+  desc |= static_cast<uint64_t>(1024 >> 4) << 32;       // stride byte offset: the next 8 k
+  desc |= static_cast<uint64_t>(1) << 62;               // layout: 128-byte swizzle
+  return desc;
+}
+
+// d[64 x 256] (+)= A[64 x 16] * B[16 x 256]: A and B from shared memory (descriptors), bf16 in,
+// fp32 accumulate. kMNMajor = 0: both K-major (a row of A and a row of W are contiguous along K,
+// tile_descriptor); 1: both MN-major (mn_major_descriptor). Issued by a whole warpgroup; thread
+// t of it holds rows 16 * (t / 32) + (t % 32) / 4 (+ 8) of d: register 4 j + {0, 1} at columns
+// 8 j + 2 (t % 4) + {0, 1}, 4 j + {2, 3} the same columns 8 rows down.
 // accumulate = 0 overwrites d (the first k-step of a tile).
+template <int kMNMajor = 0>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a_desc, uint64_t b_desc, int accumulate) {
   asm volatile(
       "{\n"
@@ -167,7 +188,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a_des
       "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
       "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
       "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-      "%128, %129, p, 1, 1, 0, 0;\n"
+      "%128, %129, p, 1, 1, %131, %131;\n"
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
@@ -185,7 +206,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a_des
         "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(kMNMajor));
 }
 
 // Give registers back (the producer warpgroup) or take them (the consumers): the kernel's cap is

@@ -97,4 +97,31 @@ cudaError_t cached_per_device(int (&cache)[kMaxCachedDevices], int* ctas, Find f
   return err;
 }
 
+// The SMs of the device for an sm_90a kernel of one CTA per SM (with its dynamic shared memory
+// raised to smem bytes), cached per device; cudaErrorNotSupported when this GPU cannot run it:
+// not compute capability 9.0, or this library was built without the sm_90a target.
+template <class Kernel>
+cudaError_t sm90a_persistent_ctas(int (&cache)[kMaxCachedDevices], Kernel* kernel, int smem, int* ctas) {
+  return cached_per_device(cache, ctas, [kernel, smem](int device, int* found) {
+    int major = 0, minor = 0, sms = 0;
+    cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    if (major != 9 || minor != 0) return cudaErrorNotSupported;
+    cudaFuncAttributes attributes;
+    err = cudaFuncGetAttributes(&attributes, kernel);
+    if (err == cudaErrorInvalidDeviceFunction || err == cudaErrorNoKernelImageForDevice) {
+      (void)cudaGetLastError();  // not built for this GPU: clear the error, report "not supported"
+      return cudaErrorNotSupported;
+    }
+    if (err != cudaSuccess) return err;
+    if (attributes.binaryVersion != 90) return cudaErrorNotSupported;  // e.g. sm_80 code JIT-compiled
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    *found = sms;  // about 200 KB of shared memory: one CTA per SM
+    return cudaSuccess;
+  });
+}
+
 }  // namespace tilemoe
