@@ -11,9 +11,12 @@ autograd node each), memory-lean like SonicMoE's: the forward saves only x, the 
 and returns gradients for x, the routing weights (so the router, through PyTorch's autograd of
 the routing) and both weight tensors. One backward per forward: it reuses the saved
 pre-activation's memory (``retain_graph=True`` and a second backward raise a RuntimeError).
+On an H100/H200 with tilemoe._C built for 90a, the two weight gradients run on the chapter's CUDA
+kernel instead (csrc/grouped_wgrad_hopper.cu; ``ops.weight_gradient(kernel="auto")``).
 ``backend="auto"`` trains with it (FAST_BACKWARD): on the H200, a training step at 16384 tokens
-is 1.39x (OLMoE) and 1.48x (Qwen3) the grouped_mm path's speed (0.91x and 0.90x SonicMoE's own
-module's), with 0.50x and 0.53x its peak memory (examples/06_full_moe/README.md, recorded in
+is 1.41x (OLMoE) and 1.56x (Qwen3) the grouped_mm path's speed with the CUDA weight gradients
+(full_moe-2026-11-24-5 and -6), with 0.50x and 0.53x its peak memory; SonicMoE's own module ran
+1.53x and 1.65x in the earlier runs that timed it (examples/06_full_moe/README.md, recorded in
 benchmarks/results/nvidia-h200/full_moe-*).
 
 Runs on NVIDIA GPUs in bfloat16, float16 or float32 (float32 without TF32: exact fp32 products),
