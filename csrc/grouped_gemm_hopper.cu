@@ -142,19 +142,6 @@ struct Shared {
   }
 };
 
-// A position in the ring: which stage, and the parity of its current lap.
-template <int kStages>
-struct RingPosition {
-  int stage = 0;
-  uint32_t phase = 0;
-  __device__ __forceinline__ void advance() {
-    if (++stage == kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-  }
-};
-
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + __expf(-v)); }
 
 // A tile holding at most 64 of its expert's rows (an expert's last, short row tile): the second

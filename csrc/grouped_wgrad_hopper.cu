@@ -42,7 +42,6 @@ using namespace sm90;
 
 constexpr int kBN1 = 128, kBN2 = 256, kBR = 64;  // a tile of 128 x 256 outputs; k-steps of 64 rows
 constexpr int kBox = 64;                         // columns of a TMA box (one 128-byte row)
-constexpr int kBoxBytes = kBR * kBox * 2;        // 8 KB
 constexpr int kABytes = kBR * kBN1 * 2, kBBytes = kBR * kBN2 * 2;
 constexpr int kStages = 3;
 constexpr int kConsumers = 2;  // consumer warpgroups, 64 of the tile's rows each
@@ -52,6 +51,8 @@ constexpr int kStagingBytes = kBN1 * kBN2 * 2;  // the epilogue's tile, as 64 x 
 constexpr int kSmemBytes = 1024 + kStages * (kABytes + kBBytes) + kStagingBytes + 2 * kStages * 8;
 
 #ifdef TILEMOE_SM90A
+constexpr int kBoxBytes = kBR * kBox * 2;  // 8 KB: one TMA box, 64 rows of 128 bytes
+
 struct WgradShared {
   __nv_bfloat16* a;        // [kStages][kBN1 / 64 boxes][64 rows][64 columns], swizzled
   __nv_bfloat16* b;        // [kStages][kBN2 / 64 boxes][64][64]
@@ -69,16 +70,7 @@ struct WgradShared {
   }
 };
 
-struct Ring {
-  int stage = 0;
-  uint32_t phase = 0;
-  __device__ __forceinline__ void advance() {
-    if (++stage == kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-  }
-};
+using Ring = RingPosition<kStages>;
 
 // Tile number -> its expert and first output row / column: an expert's tiles are consecutive,
 // columns (N2) fastest.

@@ -66,6 +66,20 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// A position in a ring of kStages shared-memory stages guarded by mbarriers: which stage, and the
+// parity of its current lap (what mbarrier_wait waits for).
+template <int kStages>
+struct RingPosition {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
 // ---- TMA -----------------------------------------------------------------------------------
 // One instruction copies a box of the tensor (the box shape and the swizzle live in the tensor
 // map) into shared memory; elements outside the tensor arrive as zeros; the bytes complete on bar.
