@@ -58,7 +58,7 @@
 #include "tilemoe/grouped_gemm.cuh"
 #include "tilemoe/sm80_instructions.cuh"  // cp.async: the gathered rows of x
 #include "tilemoe/sm90_instructions.cuh"
-#include "tilemoe/swizzle.cuh"  // swizzled<64>: the staged C boxes, in TMA's 128-byte swizzle
+#include "tilemoe/swizzle.cuh"  // stage_fragment, swizzled<64>: the staged C boxes, in TMA's 128-byte swizzle
 #include "tilemoe/tensor_map.cuh"
 #include "tilemoe/tile_scheduler.cuh"
 
@@ -363,8 +363,6 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
       named_barrier_sync(1 + consumer, 128);
 #pragma unroll
       for (int j = 0; j < kOutBN / 8; ++j) {
-        __nv_bfloat16* box = staging + (j / 8) * 64 * kStoreBox;
-        const int box_col = (j % 8) * 8 + col;
         float v0 = acc[4 * j], v1 = acc[4 * j + 1], v2 = acc[4 * j + 2], v3 = acc[4 * j + 3];
         if constexpr (kGather) {  // up at W rows 128..255: accumulator columns 128 further on
           constexpr int kUp = 4 * (kBN / 2 / 8);
@@ -373,10 +371,7 @@ __global__ void __launch_bounds__(threads(kKernel), 1)
           v2 = silu(v2) * acc[kUp + 4 * j + 2];
           v3 = silu(v3) * acc[kUp + 4 * j + 3];
         }
-        *reinterpret_cast<__nv_bfloat162*>(box + swizzled<kStoreBox>(row, box_col)) =
-            __floats2bfloat162_rn(v0, v1);
-        *reinterpret_cast<__nv_bfloat162*>(box + swizzled<kStoreBox>(row + 8, box_col)) =
-            __floats2bfloat162_rn(v2, v3);
+        stage_fragment(staging, j, row, col, v0, v1, v2, v3);
       }
       fence_proxy_async_shared();             // the writes above, visible to the copy engine ...
       named_barrier_sync(1 + consumer, 128);  // ... from every thread of this warpgroup

@@ -237,12 +237,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     named_barrier_sync(1 + consumer, 128);
 #pragma unroll
     for (int j = 0; j < kBN2 / 8; ++j) {
-      __nv_bfloat16* box = staging + (j / 8) * 64 * kBox;
-      const int box_col = (j % 8) * 8 + col;
-      *reinterpret_cast<__nv_bfloat162*>(box + swizzled<kBox>(row, box_col)) =
-          __floats2bfloat162_rn(acc[4 * j], acc[4 * j + 1]);
-      *reinterpret_cast<__nv_bfloat162*>(box + swizzled<kBox>(row + 8, box_col)) =
-          __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+      stage_fragment(staging, j, row, col, acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
     }
     fence_proxy_async_shared();             // the writes above, visible to the copy engine ...
     named_barrier_sync(1 + consumer, 128);  // ... from every thread of this warpgroup
