@@ -139,6 +139,16 @@ def test_load_balancing_loss_is_one_when_uniform_and_grows_with_imbalance():
     assert 1.0 < worse < one_hot <= num_experts + 1e-6
 
 
+def test_load_balancing_loss_takes_the_routing_counts():
+    logits = torch.randn(10, 6, generator=torch.Generator().manual_seed(3))
+    routing = R.route(logits, 2, capacity_factor=0.5)  # some slots dropped: id -1, not counted
+    assert routing.dropped.any()
+    want = R.load_balancing_loss(logits, routing.topk_ids, 6)
+    assert R.load_balancing_loss(logits, routing.topk_ids, 6, counts=routing.counts).item() == pytest.approx(want.item())
+    with pytest.raises(ValueError, match=r"counts: expected shape \[E\] = \[6\], got \[5\]"):
+        R.load_balancing_loss(logits, routing.topk_ids, 6, counts=routing.counts[:5])
+
+
 def test_load_balancing_loss_gradient_reaches_the_router():
     x = torch.randn(16, 8)
     router = torch.nn.Linear(8, 4, bias=False)

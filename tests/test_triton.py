@@ -305,9 +305,33 @@ def test_fused_router_is_skipped_where_it_cannot_run():
     grouped = tilemoe.route(logits, 2, scoring="sigmoid", num_groups=3, topk_groups=2, fused=True)
     assert grouped.topk_ids.dtype == torch.int32 and torch.equal(
         grouped.topk_ids, tilemoe.route(logits, 2, scoring="sigmoid", num_groups=3, topk_groups=2).topk_ids)
-    leaf = logits.clone().requires_grad_()
-    routed = tilemoe.route(leaf, 2, fused=True)  # a gradient wanted: the PyTorch ops, differentiable
-    assert routed.topk_weights.requires_grad
+
+
+@needs_triton
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_fused_router_in_training_chooses_with_the_kernel_and_keeps_the_gradient(router):
+    """Logits that want a gradient: the kernel still chooses (no [T, E] sort), and the weights and
+    the logits' gradient are those of the PyTorch router's autograd."""
+    opts = dict(ROUTERS[router])
+    g = torch.Generator().manual_seed(7)
+    if opts.pop("bias", False):
+        opts["score_bias"] = (torch.randn(64, generator=g) * 0.1).to(DEVICE)
+    logits = torch.randn(37, 64, generator=g).to(DEVICE)
+    d_weights = torch.randn(37, 6, generator=g).to(DEVICE)
+    want_leaf, got_leaf = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    want = tilemoe.route(want_leaf, 6, capacity_factor=0.8, **opts)
+    from tilemoe.triton import router as triton_router
+
+    with mock.patch.object(triton_router, "select_experts", wraps=triton_router.select_experts) as kernel, \
+            mock.patch.object(torch.Tensor, "sort", side_effect=AssertionError("the PyTorch sort ran")):
+        got = tilemoe.route(got_leaf, 6, capacity_factor=0.8, fused=True, **opts)
+    assert kernel.call_count == 1, "the Triton router did not run"
+    assert torch.equal(got.topk_ids, want.topk_ids) and got.dropped.any()
+    torch.testing.assert_close(got.topk_weights, want.topk_weights, rtol=1e-5, atol=1e-6)
+    (want.topk_weights * d_weights).sum().backward()
+    (got.topk_weights * d_weights).sum().backward()
+    assert got_leaf.grad.abs().sum() > 0
+    torch.testing.assert_close(got_leaf.grad, want_leaf.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_graphed_moe_refuses_cpu_weights_and_loops_that_sync():

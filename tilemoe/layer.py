@@ -145,7 +145,8 @@ class OptimizedMoELayer(nn.Module):
         y = y.reshape(x.shape)
         if not return_aux_loss:
             return y
-        return y, self.load_balance_weight * load_balancing_loss(logits, routing.topk_ids, self.num_experts)
+        aux = load_balancing_loss(logits, routing.topk_ids, self.num_experts, counts=routing.counts)
+        return y, self.load_balance_weight * aux
 
     def _route(self, tokens: torch.Tensor, *, need_logits: bool) -> tuple[Routing, torch.Tensor | None]:
         """The routing of these tokens and, when the aux loss or rounding needs them, the logits."""

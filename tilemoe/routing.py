@@ -192,13 +192,20 @@ def select_experts(
         selection = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
 
     ids = selection.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]
+    return (ids, *chosen_weights(scores, ids, renormalize=renormalize, routed_scaling=routed_scaling))
+
+
+def chosen_weights(scores: torch.Tensor, ids: torch.Tensor, *, renormalize: bool,
+                   routed_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, chosen scores) [T, K] of the experts ``ids`` (int64 [T, K]) from the scores [T, E]:
+    ``select_experts``' weights, differentiable with respect to the scores."""
     chosen = scores.gather(1, ids)
     weights = chosen
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
     if routed_scaling != 1.0:
         weights = weights * routed_scaling
-    return ids, weights, chosen
+    return weights, chosen
 
 
 def slot_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -338,10 +345,8 @@ def _triton_available(device: torch.device) -> bool:
 
 
 def _triton_router(logits: torch.Tensor):
-    """tilemoe.triton.router where it may take these logits (no gradient wanted through them, Triton
-    compiled for their device), else None. The caller still asks it whether it ``supports`` them."""
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return None
+    """tilemoe.triton.router where Triton is compiled for the logits' device, else None. The caller
+    still asks it whether it ``supports`` them."""
     if not _triton_available(logits.device):
         return None
     from .triton import router
@@ -369,8 +374,10 @@ def route(
     Switch/GShard). ``Routing.dropped`` reports which.
     fused: select the experts with one Triton kernel (tilemoe/triton/router.py: the same experts
     in the same order, weights equal to rounding) where it runs these logits (fp32 on a GPU, or
-    under TRITON_INTERPRET=1; no gradient to the logits), and build the metadata with another
-    (tilemoe/triton/metadata.py, bit for bit the PyTorch result); elsewhere the PyTorch ops.
+    under TRITON_INTERPRET=1), and build the metadata with another (tilemoe/triton/metadata.py,
+    bit for bit the PyTorch result); elsewhere the PyTorch ops. When the logits want a gradient,
+    the kernel still chooses the experts and the weights are recomputed from the logits by
+    ``chosen_weights``, so that the gradient flows through PyTorch's autograd.
     """
     checks.check_float_tensor("logits", logits)
     if logits.dim() != 2 or logits.shape[1] == 0:
@@ -391,7 +398,13 @@ def _route_checked(logits: torch.Tensor, top_k: int, options: dict, capacity_fac
     """``route`` once its arguments are checked: select the experts, apply the capacity, build the metadata."""
     router = _triton_router(logits) if fused else None
     if router is not None and router.supports(logits, options["num_groups"]):
-        ids, weights, scores = router.select_experts(logits, top_k, **options)
+        ids, weights, scores = router.select_experts(logits.detach(), top_k, **options)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            # Training: the kernel chose the experts (no [T, E] sort); the weights carry the gradient
+            # back to the logits, so they are recomputed through autograd, by select_experts' formula.
+            probs = logits.softmax(dim=-1) if options["scoring"] == "softmax" else logits.sigmoid()
+            weights, scores = chosen_weights(probs, ids.long(), renormalize=options["renormalize"],
+                                             routed_scaling=options["routed_scaling"])
     else:
         ids, weights, scores = select_experts(logits, top_k, **options)
     return _with_capacity(ids, weights, scores, logits.shape[1], capacity_factor, fused)
@@ -441,16 +454,23 @@ def route_tokens(
     return _route_checked(router_logits(x, router_weight, fused=fused), top_k, options, capacity_factor, fused)
 
 
-def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
+                        counts: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/GShard auxiliary loss E * sum_i f_i * P_i (the caller multiplies by alpha).
 
     f_i: fraction of the T*K slots routed to expert i (not differentiable: it is a count);
     P_i: mean router probability of expert i over the tokens (carries the gradient).
     Perfectly uniform routing gives 1.0; imbalance raises it, up to E.
     Dropped slots (id -1) are not counted in f.
+    counts: the slots per expert [E] when already counted (``Routing.counts``: the layer passes
+    them, which saves counting topk_ids again); else counted from topk_ids.
     """
     probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
-    fraction = slot_counts(topk_ids, num_experts).to(probs.dtype) / topk_ids.numel()
+    if counts is None:
+        counts = slot_counts(topk_ids, num_experts)
+    else:
+        checks.check_shape("counts", counts, (num_experts,), f"[E] = [{num_experts}]")
+    fraction = counts.to(probs.dtype) / topk_ids.numel()
     return num_experts * (fraction * probs.mean(dim=0)).sum()
 
 
