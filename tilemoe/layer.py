@@ -33,7 +33,9 @@ keep ``load_balance_weight`` around 0.01, or the bias balancing of "sigmoid_bias
 
 The router runs on the backend's own kernels where it has them (backends "triton" and "cuda": the
 Triton logits GEMM, top-k and metadata kernels), else on PyTorch's ops. In training the top-k
-selection stays in PyTorch, whose autograd carries the routing weights' gradient to the router.
+kernel still chooses the experts, and the routing weights are recomputed from the logits by
+PyTorch's ops (``tilemoe.routing.chosen_weights``), whose autograd carries their gradient to the
+router.
 """
 
 from __future__ import annotations
