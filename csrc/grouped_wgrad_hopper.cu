@@ -13,7 +13,8 @@
 // consumer warpgroups take 64 of its rows each, a producer warpgroup fills a 3-stage ring:
 //   - the operand read in place by TMA (2 or 4 boxes per k-step);
 //   - the gathered operand by the whole producer warpgroup with cp.async (Hopper's TMA cannot
-//     gather rows), 16-byte pieces written in the same swizzled layout;
+//     gather rows), 16-byte pieces written in the same swizzled layout, unmasked in whole k-steps
+//     (the producer's instruction issue is what limits this kernel: copy_whole_rows);
 //   - an expert's last, partial k-step by cp.async for both operands, rows past the expert's end
 //     zero-filled. (TMA would read the next expert's rows there, or rows no kernel wrote.)
 // The epilogue stages the tile in shared memory and stores it with TMA through a 3-D map
