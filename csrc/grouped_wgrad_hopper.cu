@@ -138,6 +138,8 @@ __device__ __forceinline__ void copy_rows(__nv_bfloat16* tile, const __nv_bfloat
 // row's address is computed once and its boxes are constant offsets from it. The producer issues
 // these copies for every k-step, and it is the kernel's critical path: the masked form's per-copy
 // selects and 64-bit address arithmetic took most of its instruction issue (Nsight Compute, H200).
+// It stays a function of its own: one template for both forms, the masks under `if constexpr`,
+// compiled to a slower producer (dW_gate_up slower in a development A/B on the H200, not recorded).
 template <int kBoxes>
 __device__ __forceinline__ void copy_whole_rows(__nv_bfloat16* tile, const __nv_bfloat16* __restrict__ src,
                                                 const SourceRows& rows, int col0, int n, int wg_thread) {
