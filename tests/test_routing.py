@@ -145,6 +145,9 @@ def test_load_balancing_loss_takes_the_routing_counts():
     assert routing.dropped.any()
     want = R.load_balancing_loss(logits, routing.topk_ids, 6)
     assert R.load_balancing_loss(logits, routing.topk_ids, 6, counts=routing.counts).item() == pytest.approx(want.item())
+    # the counts given are the ones used (twice the counts, twice the loss), not recounted from topk_ids
+    doubled = R.load_balancing_loss(logits, routing.topk_ids, 6, counts=2 * routing.counts)
+    assert doubled.item() == pytest.approx(2 * want.item())
     with pytest.raises(ValueError, match=r"counts: expected shape \[E\] = \[6\], got \[5\]"):
         R.load_balancing_loss(logits, routing.topk_ids, 6, counts=routing.counts[:5])
 
