@@ -7,10 +7,13 @@ of each model shape, and by how much over the default rule (tilemoe/triton/confi
 
 For every preset and token count it times the up-projection (gather + SwiGLU epilogue) and then
 the down-projection (plain stores, in expert order) alone, over a small candidate list per size bucket
-(decode: <= 16 rows per expert; small: <= 64; prefill), each output checked against torch first.
+(decode: <= 16 rows per expert; small: <= 64; prefill), each output checked against torch first,
+each time the GPU's alone (replays of a CUDA graph: an eager call of a decode GEMM would time the
+Python that launches it).
 The two GEMMs share one tile schedule, so the down-projection is tuned at the up-projection's
 winning BLOCK_M. The winners go to ``--out`` (default tilemoe/triton/tuned/<gpu>.json), which
 ``configs.pick`` reads: the nearest measured rows-per-expert of the same GEMM shape and bucket.
+A run over some presets or token counts replaces those rows of the table and keeps the rest.
 
 With --backward it times the backward's two weight gradients instead (``grouped_wgrad_kernel``:
 dW_down reads dY through the permutation, dW_gate_up reads x through it) over tile shapes and
@@ -51,7 +54,7 @@ def candidates(bucket_m: int, configs) -> list:
     C = configs.TileConfig
     if bucket_m == 16:
         base = [C(16, 64, 128, 1, 4, 4), C(16, 128, 128, 1, 4, 4), C(16, 32, 256, 1, 4, 3), C(16, 64, 64, 1, 4, 5),
-                C(16, 128, 64, 1, 4, 4), C(16, 64, 256, 1, 4, 3)]
+                C(16, 128, 64, 1, 4, 4), C(16, 64, 256, 1, 4, 3), C(16, 32, 128, 1, 4, 6), C(16, 64, 128, 1, 8, 6)]
     elif bucket_m == 64:
         base = [C(64, 64, 64, 4, 4, 4), C(64, 128, 64, 4, 4, 3), C(32, 64, 128, 4, 4, 4), C(64, 128, 64, 4, 8, 4)]
     else:
@@ -60,6 +63,18 @@ def candidates(bucket_m: int, configs) -> list:
     variants = [C(**{**c.as_dict(), **change}) for c in base[:3]
                 for change in ({"persistent": True}, {"tma": True}, {"persistent": True, "tma": True})]
     return base + variants
+
+
+def merged(path: Path, winners: list) -> list:
+    """The table at ``path`` (if any) with this run's winners in place of its rows of the same
+    (preset, tokens, projection): a run over some presets or token counts keeps the others. Each
+    row carries the commit it was measured at; rows without "timing" were timed by eager calls
+    (before tune_triton.py timed CUDA-graph replays)."""
+    key = lambda row: (row["preset"], row["tokens"], row["projection"])  # noqa: E731
+    new = {key(row): row for row in winners}
+    kept = json.loads(path.read_text())["configs"] if path.exists() else []
+    rows = [new.pop(key(row), row) for row in kept]
+    return rows + list(new.values())
 
 
 def describe(c) -> str:
@@ -92,7 +107,7 @@ def time_gemm(ops, case_x, routing, w, cfg, projection, ffn, hidden):
         err = tilemoe.rel_error(got, want)
         if err > 1e-2:
             raise AssertionError(f"{projection} {cfg}: rel. error {err:.2e} on expert {e}")
-    return bench.time_ms(run)
+    return bench.time_ms(run, cuda_graph=True)  # the GPU's time: a decode GEMM's eager call times the host
 
 
 def wgrad_candidates(configs) -> list:
@@ -228,7 +243,8 @@ def main(argv=None) -> int:
                 flops = 2 * tokens * cfg.top_k * n * k * (2 if projection == "up" else 1)
                 winners.append({"preset": preset, "tokens": tokens, "projection": projection, "n": n, "k": k,
                                 "rows_per_expert": m, "config": best.as_dict(), "ms": times[best],
-                                "rule_ms": rule_ms, "tflops": bench.tflops(flops, times[best])})
+                                "rule_ms": rule_ms, "tflops": bench.tflops(flops, times[best]),
+                                "commit": bench.git_commit(), "timing": "cuda graph"})
                 table.append([preset, tokens, projection, describe(best), times[best], rule_ms,
                               bench.tflops(flops, times[best])])
                 print(f"  {preset} T={tokens} {projection}: " + ", ".join(
@@ -236,7 +252,7 @@ def main(argv=None) -> int:
         del weights
         torch.cuda.empty_cache()
     print(tabulate(table, ["preset", "tokens", "GEMM", "best config", "ms", "rule ms", "TFLOP/s"], floatfmt=".3f"))
-    payload = {**bench.environment(device), "configs": winners}
+    payload = {**bench.environment(device), "configs": merged(out_path, winners)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {out_path}")

@@ -18,6 +18,22 @@ def test_time_ms_on_cpu_is_a_median_of_several_calls():
     assert ms >= 0 and len(calls) >= 1 + 3  # one untimed first call, at least 3 timed
 
 
+def test_time_ms_graph_timing_is_for_a_gpu():
+    with pytest.raises(ValueError, match="cuda_graph: expected False on a device other than a CUDA GPU"):
+        bench.time_ms(lambda: None, device="cpu", cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_time_ms_of_a_graph_replays_the_recorded_work():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x = torch.zeros(1024, device="cuda")
+    ms = bench.time_ms(lambda: x.add_(1.0), device="cuda", cuda_graph=True, warmup_ms=1, rep_ms=1)
+    torch.cuda.synchronize()
+    # Two eager warm-up calls, one recorded, then every timed replay added 1 more.
+    assert ms > 0 and x[0].item() > 3 and bool((x == x[0]).all())
+
+
 def test_tflops():
     assert bench.tflops(2e12, 1000.0) == pytest.approx(2.0)
 

@@ -58,6 +58,18 @@ def test_tune_says_it_needs_a_gpu():
     assert bad.returncode == 2 and "--record: records the --backward sweep" in bad.stderr
 
 
+def test_tune_replaces_the_rows_it_measured_and_keeps_the_rest(tmp_path):
+    tune = load("tune_triton.py")
+    path = tmp_path / "gpu.json"
+    assert tune.merged(path, [{"preset": "a", "tokens": 1, "projection": "up", "ms": 1}]) == [
+        {"preset": "a", "tokens": 1, "projection": "up", "ms": 1}]
+    old = [{"preset": "a", "tokens": 1, "projection": "up", "ms": 1}, {"preset": "a", "tokens": 1, "projection": "down", "ms": 2},
+           {"preset": "b", "tokens": 64, "projection": "up", "ms": 3}]
+    path.write_text(json.dumps({"gpu": "x", "configs": old}))
+    new = [{"preset": "a", "tokens": 1, "projection": "down", "ms": 5}, {"preset": "c", "tokens": 1, "projection": "up", "ms": 6}]
+    assert [row["ms"] for row in tune.merged(path, new)] == [1, 5, 3, 6]
+
+
 def test_tune_backward_check_catches_a_wrong_weight_gradient():
     # The --backward sweep checks each candidate's dW_e = A_e^T B_e (rows read through the
     # permutation) on every expert before timing it: right passes, one wrong element fails.

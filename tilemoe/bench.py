@@ -4,7 +4,8 @@
     path = record("moe_variants", rows, device)      # benchmarks/results/<gpu>/moe_variants-<date>.json
 
 On a CUDA device, time_ms is triton.testing.do_bench's median (CUDA events, an L2 flush between
-runs, warm-up first). On the CPU it is the median of perf_counter over repeated calls.
+runs, warm-up first); ``cuda_graph=True`` times replays of a CUDA graph of the call instead, the
+GPU's time without the host's. On the CPU it is the median of perf_counter over repeated calls.
 Every recorded file carries its provenance: the device's name, library versions, the git commit,
 the command that produced it and the date; README tables are generated from these files.
 """
@@ -32,17 +33,28 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def time_ms(fn: Callable[[], object], *, device: torch.device | str | None = None,
-            warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
+            warmup_ms: float = 25.0, rep_ms: float = 100.0, cuda_graph: bool = False) -> float:
     """Median wall time of fn() in milliseconds.
 
     device: where fn's work runs (default: CUDA when available, else CPU). The time budgets
     are in milliseconds, as do_bench takes them; on the CPU at least 3 timed calls run.
+    cuda_graph: time replays of fn recorded once in a CUDA graph (``tilemoe.graphs.record``):
+    the GPU's time alone. An eager call of a small kernel measures the host that launches it
+    (tens of microseconds of Python per launch), not the kernel. GPU only; fn must be
+    capturable (no host synchronization).
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cuda_graph and device.type != "cuda":
+        checks.fail("cuda_graph", "False on a device other than a CUDA GPU", f"True on {device}")
     if device.type == "cuda":
         import triton.testing
 
         with torch.cuda.device(device):
+            if cuda_graph:
+                from .graphs import record
+
+                graph, _ = record(fn, device)
+                fn = graph.replay
             return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     fn()  # the first call pays for lazy initialisation; never time it
     deadline = time.perf_counter() + warmup_ms / 1e3

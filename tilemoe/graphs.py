@@ -28,20 +28,27 @@ from .moe import moe_forward
 CAPTURABLE = ("triton", "grouped_mm", "cuda")
 
 
-def capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, warmup: int = 2):
-    """fn(x) recorded in a CUDA graph: (graph, static_x, static_y). Copy new inputs into static_x,
-    call graph.replay(), read static_y. fn runs ``warmup`` times first, on a side stream, so that
+def record(fn: Callable[[], object], device: torch.device, *, warmup: int = 2):
+    """fn() recorded in a CUDA graph: (graph, what fn returned). graph.replay() runs the same
+    kernels again, on the same memory. fn runs ``warmup`` times first, on a side stream, so that
     compilation, autotuning and first allocations stay out of the graph."""
-    static_x = x.clone()
-    side = torch.cuda.Stream(x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.no_grad():
         for _ in range(warmup):
-            fn(static_x)
-    torch.cuda.current_stream(x.device).wait_stream(side)
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.no_grad():
-        static_y = fn(static_x)
+        out = fn()
+    return graph, out
+
+
+def capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, warmup: int = 2):
+    """fn(x) recorded in a CUDA graph (``record``): (graph, static_x, static_y). Copy new inputs
+    into static_x, call graph.replay(), read static_y."""
+    static_x = x.clone()
+    graph, static_y = record(lambda: fn(static_x), x.device, warmup=warmup)
     return graph, static_x, static_y
 
 
