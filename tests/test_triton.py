@@ -278,7 +278,7 @@ ROUTERS = {
 
 @needs_triton
 @pytest.mark.parametrize("router", list(ROUTERS))
-@pytest.mark.parametrize("num_tokens, num_experts, top_k", [(1, 64, 8), (37, 64, 6), (130, 64, 1)])
+@pytest.mark.parametrize("num_tokens, num_experts, top_k", [(1, 64, 8), (3, 64, 8), (37, 64, 6), (130, 64, 1)])
 def test_fused_router_selects_what_the_pytorch_router_selects(router, num_tokens, num_experts, top_k):
     opts = dict(ROUTERS[router])
     g = torch.Generator().manual_seed(num_tokens)

@@ -104,7 +104,7 @@ class Schedule:
         self.block_m = block_m
         table = torch.empty(2 * self.max_blocks + 1, dtype=torch.int32, device=device)  # one allocation
         self.expert, self.row, self.num_blocks = table.split([self.max_blocks, self.max_blocks, 1])
-        block_b = 64
+        block_b = min(64, triton.next_power_of_2(self.max_blocks))  # a decode batch has a few blocks
         schedule_kernel[(triton.cdiv(self.max_blocks, block_b),)](
             routing.counts, routing.offsets, self.expert, self.row, self.num_blocks,
             num_experts, self.max_blocks,
