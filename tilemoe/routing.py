@@ -12,6 +12,7 @@ as a statistic (those return Python numbers).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,7 +36,17 @@ def router_logits(x: torch.Tensor, router_weight: torch.Tensor, *, fused: bool =
     PyTorch's GEMM and its fp32 backward (what the baselines measure).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return _RouterLogits.apply(x, router_weight, dtype, fused)
+    if torch.is_grad_enabled() and (x.requires_grad or router_weight.requires_grad):
+        return _RouterLogits.apply(x, router_weight, dtype, fused)
+    # No gradient wanted: no autograd node either (at a decode batch it costs more than the GEMM).
+    return _logits(x, router_weight, dtype, _logits_kernel(x, router_weight) if fused else None)
+
+
+def _logits(x: torch.Tensor, router_weight: torch.Tensor, dtype: torch.dtype, kernel) -> torch.Tensor:
+    """The logits in ``dtype``, by the Triton kernel module ``kernel`` when given, else by PyTorch."""
+    if kernel is not None:
+        return kernel.logits(x, router_weight)
+    return x.to(dtype) @ router_weight.to(dtype).t()
 
 
 def _logits_kernel(x: torch.Tensor, router_weight: torch.Tensor):
@@ -68,9 +79,7 @@ class _RouterLogits(torch.autograd.Function):
         ctx.dtype = dtype
         kernel = _logits_kernel(x, w) if fused else None
         ctx.bf16_backward = kernel is not None and x.dtype == torch.bfloat16
-        if kernel is not None:
-            return kernel.logits(x, w)
-        return x.to(dtype) @ w.to(dtype).t()
+        return _logits(x, w, dtype, kernel)
 
     @staticmethod
     def backward(ctx, d_logits):
@@ -337,8 +346,10 @@ def check_router_options(
         checks.check_positive_float("capacity_factor", capacity_factor)
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_available(device: torch.device) -> bool:
-    """Whether the Triton kernels run on ``device`` (a GPU, or the CPU under TRITON_INTERPRET=1)."""
+    """Whether the Triton kernels run on ``device`` (a GPU, or the CPU under TRITON_INTERPRET=1);
+    fixed for the process once Triton is imported, so asked once per device."""
     from .backends import triton_fused
 
     return triton_fused.unavailable_reason(device, torch.float32, 1, 1) is None
