@@ -225,7 +225,8 @@ def select_experts(logits: torch.Tensor, top_k: int, *, scoring: str, renormaliz
     # A decode batch gets a tile of its own height, and one warp while the tile is small: each of
     # the top-k rounds is a chain of reductions along E, and a reduction that spans warps goes
     # through shared memory and a barrier. On the H200 DeepSeek-V3's one-token selection took
-    # 18.7 us as a 16-row tile over 4 warps (a profile of the decode forward, not recorded).
+    # 18.4 us as a 16-row tile over 4 warps, 3.1 us as one row in one warp (tools/profile_kernels.py,
+    # benchmarks/results/nvidia-h200/profile_kernels-2026-11-24-15 and -17).
     block_t = max(1, min(16, 4096 // block_e, triton.next_power_of_2(num_tokens)))
     warps = max(1, min(4, block_t * block_e // 256))
     grouped = num_groups is not None and num_groups > 1
