@@ -382,18 +382,38 @@ def test_router_logits_kernel_matches_fp64(dtype, num_tokens, hidden, num_expert
     assert logits_error(logits, x, router_weight) <= 1e-6
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens, hidden, num_experts", [(1, 40, 64), (3, 100, 48), (8, 2100, 5)])
+def test_decode_logits_kernel_matches_fp64(dtype, num_tokens, hidden, num_experts):
+    """A decode batch's logits, one launch: tokens short of a power of two, H past one chunk
+    (8 tokens take 1024 columns a step: 2100 is two and a partial one)."""
+    from tilemoe.triton import router as triton_router
+
+    g = torch.Generator().manual_seed(num_tokens + hidden)
+    x = torch.randn(num_tokens, hidden, generator=g).to(DEVICE, dtype)
+    router_weight = torch.randn(num_experts, hidden, generator=g).to(DEVICE)
+    with mock.patch.object(triton_router, "router_logits_kernel") as tensor_cores:
+        logits = triton_router.logits(x, router_weight)
+    assert tensor_cores.__getitem__.call_count == 0
+    assert logits.shape == (num_tokens, num_experts) and logits.dtype == torch.float32
+    assert logits_error(logits, x, router_weight) <= 1e-6
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda" or REASON is not None, reason="the compiled kernel's tensor cores: a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("preset", ["olmoe-1b-7b", "deepseek-v3", "mixtral-8x7b"])
-def test_router_logits_kernel_is_as_accurate_as_cublas_fp32(dtype, preset):
+@pytest.mark.parametrize("kernel_tokens", ["MIN_TOKENS", "MAX_DECODE_TOKENS"])
+def test_router_logits_kernel_is_as_accurate_as_cublas_fp32(dtype, preset, kernel_tokens):
     """bf16 products summed over all of H in the tensor cores' accumulator (no fp32 add per slice)
-    missed this bound at every one of these presets while the kernel was written."""
+    missed this bound at every one of these presets while the kernel was written. The decode
+    kernel (at MAX_DECODE_TOKENS) sums fp32 products as cuBLAS does."""
     from tilemoe.triton import router as triton_router
 
     cfg = tilemoe.get_preset(preset)
     g = torch.Generator(device=DEVICE).manual_seed(7)
     router_weight = torch.randn(cfg.experts, cfg.hidden, device=DEVICE, generator=g) / cfg.hidden ** 0.5
-    x = torch.randn(triton_router.MIN_TOKENS, cfg.hidden, device=DEVICE, generator=g).to(dtype)
+    x = torch.randn(getattr(triton_router, kernel_tokens), cfg.hidden, device=DEVICE, generator=g).to(dtype)
     kernel = logits_error(triton_router.logits(x, router_weight), x, router_weight)
     cublas = logits_error(x.float() @ router_weight.t(), x, router_weight)
     assert kernel <= 2 * cublas, (kernel, cublas)
@@ -406,6 +426,11 @@ def test_router_logits_takes_the_kernel_from_min_tokens_on_a_gpu():
     w = torch.randn(64, 32, device=DEVICE)
     few, many = (torch.randn(t, 32, device=DEVICE).half() for t in (triton_router.MIN_TOKENS - 1, triton_router.MIN_TOKENS))
     assert not triton_router.takes(few, w)
+    on_gpu = DEVICE.type == "cuda"
+    for tokens, taken in ((0, False), (1, on_gpu), (triton_router.MAX_DECODE_TOKENS, on_gpu),
+                          (triton_router.MAX_DECODE_TOKENS + 1, False)):
+        decode = torch.randn(tokens, 32, device=DEVICE)
+        assert triton_router.takes(decode, w) == taken and triton_router.takes(decode.bfloat16(), w) == taken
     assert triton_router.takes(many, w) == (DEVICE.type == "cuda")
     assert not triton_router.takes(many.float(), w) and not triton_router.takes(many, w.half())
     assert not triton_router.takes(many.t().contiguous().t(), w)  # rows not contiguous

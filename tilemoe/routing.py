@@ -29,10 +29,11 @@ def router_logits(x: torch.Tensor, router_weight: torch.Tensor, *, fused: bool =
     The router decides which expert each token meets, so it is computed in full precision:
     bf16 logits would flip near-tied top-k choices. For autograd it keeps x as it came, not its
     full-precision copy (``_RouterLogits``).
-    fused: compute them with the chapter's Triton kernel where it takes these inputs (a GPU, a
-    bf16/fp16 batch of at least ``tilemoe.triton.router.MIN_TOKENS`` tokens): fp32's accuracy from
-    the tensor cores (``router_logits_kernel``), where PyTorch's fp32 GEMM runs on the CUDA cores;
-    for a bf16 x their backward runs on the tensor cores too (``_RouterLogits``). Otherwise
+    fused: compute them with the chapter's Triton kernels where they take these inputs
+    (``tilemoe.triton.router.takes``): from ``MIN_TOKENS`` bf16/fp16 tokens up, fp32's accuracy
+    from the tensor cores (``router_logits_kernel``), where PyTorch's fp32 GEMM runs on the CUDA
+    cores; for a bf16 x their backward runs on the tensor cores too (``_RouterLogits``); a decode
+    batch of at most ``MAX_DECODE_TOKENS`` in one launch (``decode_logits_kernel``). Otherwise
     PyTorch's GEMM and its fp32 backward (what the baselines measure).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -50,7 +51,7 @@ def _logits(x: torch.Tensor, router_weight: torch.Tensor, dtype: torch.dtype, ke
 
 
 def _logits_kernel(x: torch.Tensor, router_weight: torch.Tensor):
-    """tilemoe.triton.router when its tensor-core logits kernel takes these inputs (``router.takes``),
+    """tilemoe.triton.router when one of its logits kernels takes these inputs (``router.takes``),
     else None."""
     if not x.is_cuda or not _triton_available(x.device):
         return None

@@ -11,7 +11,9 @@ The logits themselves are computed in fp32 (DESIGN.md): an fp32 GEMM runs on the
 the tensor cores, which makes DeepSeek-V3's router GEMM (H = 7168, E = 256) cost milliseconds at
 prefill sizes. ``router_logits_kernel`` gets fp32's accuracy from bf16 (or TF32) tensor-core
 products instead (its docstring says how); ``tilemoe.routing.router_logits`` uses it on a GPU from
-``MIN_TOKENS`` tokens up, where it is faster than cuBLAS's fp32 GEMM.
+``MIN_TOKENS`` tokens up, where it is faster than cuBLAS's fp32 GEMM. A decode batch (up to
+``MAX_DECODE_TOKENS`` tokens) takes ``decode_logits_kernel``: plain fp32 on the CUDA cores, in one
+launch where PyTorch makes two or three.
 
 DeepSeek-V3's group-limited routing (num_groups / topk_groups) runs here when E is a power of two
 and divisible by num_groups (the tile is reshaped to [BLOCK_T, groups, E / groups]); ``supports``
@@ -164,27 +166,66 @@ def router_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden,
 # With few tokens the kernel has too few programs to fill the GPU and cuBLAS's fp32 GEMM (split
 # over H) is faster. Timed on an H200 while writing it (not recorded): slower than cuBLAS at 128 to
 # 1024 tokens on all four presets, faster at 4096 and 16384 on all four.
+@triton.jit
+def decode_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden, stride_x,
+                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """logits [T, E] fp32 = x [T, H] @ w [E, H]^T for a decode batch (T <= MAX_DECODE_TOKENS):
+    products and sums in fp32 on the CUDA cores, as PyTorch's fp32 GEMM computes them.
+
+    One program per expert takes every token of the batch. A decode batch's router does almost no
+    arithmetic; what it costs is reading w and the launches. PyTorch takes two for a bf16 x (a
+    cast of x to fp32, then cuBLAS's GEMV, itself often two kernels); this is one, and its E
+    programs keep many SMs reading w at once.
+    """
+    e = tl.program_id(0)
+    t = tl.arange(0, BLOCK_T)
+    h = tl.arange(0, BLOCK_H)
+    t_ok = t < num_tokens
+    acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for h0 in range(0, hidden, BLOCK_H):
+        h_ok = h0 + h < hidden
+        w = tl.load(w_ptr + e.to(tl.int64) * hidden + h0 + h, mask=h_ok, other=0.0)
+        xs = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_x + (h0 + h)[None, :],
+                     mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(xs * w[None, :], axis=1)
+    tl.store(out_ptr + t.to(tl.int64) * num_experts + e, acc, mask=t_ok)
+
+
 MIN_TOKENS = 4096
+MAX_DECODE_TOKENS = 8
 
 
 def takes(x: torch.Tensor, router_weight: torch.Tensor) -> bool:
     """Whether ``tilemoe.routing.router_logits`` computes these logits with ``logits``: a CUDA GPU
-    (not the interpreter: there only tests call the kernel), x [T, H] in bf16 or fp16 with
-    contiguous rows and T >= MIN_TOKENS, a contiguous fp32 router weight [E, H] on the same device.
-    Anything else (a shape mismatch included) goes to PyTorch's GEMM, which reports it."""
-    return (x.is_cuda and x.dim() == 2 and x.shape[0] >= MIN_TOKENS and x.dtype in (torch.bfloat16, torch.float16)
-            and x.stride(1) == 1 and router_weight.dtype == torch.float32 and router_weight.dim() == 2
-            and router_weight.shape[1] == x.shape[1] and router_weight.is_contiguous()
-            and router_weight.device == x.device)
+    (not the interpreter: there only tests call the kernels), x [T, H] with contiguous rows, in bf16
+    or fp16 with T >= MIN_TOKENS (the tensor-core kernel) or in bf16, fp16 or fp32 with
+    1 <= T <= MAX_DECODE_TOKENS (the decode kernel), and a contiguous fp32 router weight [E, H] on
+    the same device. Anything else (a shape mismatch included) goes to PyTorch's GEMM, which
+    reports it."""
+    if not (x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and router_weight.dtype == torch.float32
+            and router_weight.dim() == 2 and router_weight.shape[1] == x.shape[1] and router_weight.is_contiguous()
+            and router_weight.device == x.device):
+        return False
+    if 1 <= x.shape[0] <= MAX_DECODE_TOKENS:
+        return x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return x.shape[0] >= MIN_TOKENS and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-    """x [T, H] (bf16 or fp16, contiguous rows) @ router_weight [E, H]^T (fp32, contiguous): the
-    fp32 logits [T, E] (``router_logits_kernel``). The caller has checked the shapes (``takes``)."""
+    """x [T, H] (contiguous rows) @ router_weight [E, H]^T (fp32, contiguous): the fp32 logits
+    [T, E], by ``decode_logits_kernel`` for T <= MAX_DECODE_TOKENS, else by
+    ``router_logits_kernel`` (bf16 or fp16 x). The caller has checked the shapes (``takes``)."""
     num_tokens, hidden = x.shape
     num_experts = router_weight.shape[0]
     out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
     if num_tokens == 0:
+        return out
+    if num_tokens <= MAX_DECODE_TOKENS:
+        block_t = triton.next_power_of_2(num_tokens)
+        decode_logits_kernel[(num_experts,)](
+            x, router_weight, out, num_tokens, num_experts, hidden, x.stride(0),
+            BLOCK_T=block_t, BLOCK_H=min(triton.next_power_of_2(hidden), 8192 // block_t), num_warps=4,
+        )
         return out
     block_t, block_e = 128, min(64, max(16, triton.next_power_of_2(num_experts)))
     router_logits_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_e))](
