@@ -40,7 +40,7 @@ def time_ms(fn: Callable[[], object], *, device: torch.device | str | None = Non
     are in milliseconds, as do_bench takes them; on the CPU at least 3 timed calls run.
     cuda_graph: time replays of fn recorded once in a CUDA graph (``tilemoe.graphs.record``):
     the GPU's time alone. An eager call of a small kernel measures the host that launches it
-    (tens of microseconds of Python per launch), not the kernel. GPU only; fn must be
+    (the Python of every launch), not the kernel. GPU only; fn must be
     capturable (no host synchronization).
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
