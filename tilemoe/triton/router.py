@@ -188,9 +188,9 @@ def decode_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden,
     tl.store(out_ptr + t.to(tl.int64) * num_experts + e, acc, mask=t_ok)
 
 
-# With few tokens the tensor-core kernel has too few programs to fill the GPU and cuBLAS's fp32 GEMM (split
-# over H) is faster. Timed on an H200 while writing it (not recorded): slower than cuBLAS at 128 to
-# 1024 tokens on all four presets, faster at 4096 and 16384 on all four.
+# With few tokens the tensor-core kernel has too few programs to fill the GPU and cuBLAS's fp32
+# GEMM (split over H) is faster. Timed on an H200 while writing it (not recorded): slower than
+# cuBLAS at 128 to 1024 tokens on all four presets, faster at 4096 and 16384 on all four.
 MIN_TOKENS = 4096
 MAX_DECODE_TOKENS = 8
 
