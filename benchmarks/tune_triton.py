@@ -7,7 +7,7 @@ of each model shape, and by how much over the default rule (tilemoe/triton/confi
 
 For every preset and token count it times the up-projection (gather + SwiGLU epilogue) and then
 the down-projection (plain stores, in expert order) alone, over a small candidate list per size bucket
-(decode: <= 16 rows per expert; small: <= 64; prefill), each output checked against torch first,
+(decode: <= 8 rows per expert; wider decode: <= 20; small: <= 64; prefill), each output checked against torch first,
 each time the GPU's alone (replays of a CUDA graph: an eager call of a decode GEMM would time the
 Python that launches it).
 The two GEMMs share one tile schedule, so the down-projection is tuned at the up-projection's
@@ -55,6 +55,9 @@ def candidates(bucket_m: int, configs) -> list:
     if bucket_m == 16:
         base = [C(16, 64, 128, 1, 4, 4), C(16, 128, 128, 1, 4, 4), C(16, 32, 256, 1, 4, 3), C(16, 64, 64, 1, 4, 5),
                 C(16, 128, 64, 1, 4, 4), C(16, 64, 256, 1, 4, 3), C(16, 32, 128, 1, 4, 6), C(16, 64, 128, 1, 8, 6)]
+    elif bucket_m == 32:
+        base = [C(32, 128, 128, 1, 4, 4), C(32, 64, 128, 1, 4, 4), C(32, 64, 256, 1, 4, 3), C(32, 128, 64, 1, 4, 5),
+                C(32, 128, 128, 1, 4, 3), C(32, 128, 128, 1, 8, 4)]
     elif bucket_m == 64:
         base = [C(64, 64, 64, 4, 4, 4), C(64, 128, 64, 4, 4, 3), C(32, 64, 128, 4, 4, 4), C(64, 128, 64, 4, 8, 4)]
     else:

@@ -197,7 +197,9 @@ def test_schedule_lists_every_expert_block_once(block_m):
 
 def test_configs_rule_and_table_lookup():
     _, configs = ops()
-    assert configs.rule("up", 1).block_m == 16 and configs.rule("down", 40).block_m == 64
+    assert configs.rule("up", 1).block_m == 16 and configs.rule("down", 8).block_m == 16
+    assert configs.rule("up", 16).block_m == 32 and configs.rule("down", 20).block_m == 32
+    assert configs.rule("down", 40).block_m == 64
     assert configs.rule("up", 4096).block_m == 128
     assert configs.pick("up", 1024, 2048, 4096, None) == configs.rule("up", 4096)
     assert configs.pick("up", 1024, 2048, 4096, "a-gpu-never-tuned") == configs.rule("up", 4096)
@@ -224,8 +226,10 @@ def test_noncontiguous_weight_is_refused_before_any_kernel():
 
 # -- GPU only -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("preset", ["olmoe-1b-7b", "qwen3-30b-a3b", "deepseek-v3"])
-@pytest.mark.parametrize("tokens", [1, 64, 1000])
+@pytest.mark.parametrize("preset, tokens", [
+    *((p, t) for p in ("olmoe-1b-7b", "qwen3-30b-a3b", "deepseek-v3") for t in (1, 64, 1000)),
+    ("olmoe-1b-7b", 128), ("mixtral-8x7b", 64),  # 16 rows per expert: the 32-row decode tiles
+])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_triton_at_real_shapes_bf16(preset, tokens):

@@ -10,8 +10,13 @@ Hopper's Tensor Memory Accelerator; the gathered rows of x are always loaded by 
 tile (``grouped_gemm_kernel``'s HALF_TAILS).
 
 The rule follows the rows each expert gets, m = T*K/E on average:
-- decode (m <= 16): a 16-row tile, the smallest tl.dot takes; the GEMM reads each touched expert's
+- decode (m <= 8): a 16-row tile, the smallest tl.dot takes; the GEMM reads each touched expert's
   weights once and is memory-bound, so many narrow N tiles keep every SM loading;
+- decode, wider (m <= 20): a 32-row tile. An expert's rows are random: at m = 16 about half of
+  the experts get more than 16, and a second 16-row block of one expert reads the expert's
+  weights from HBM a second time (they are far larger than L2). A 32-row tile holds about
+  m + 3 standard deviations of them, so each weight tile is read once; the extra rows cost
+  tensor-core time that a memory-bound GEMM has to spare;
 - small batches (m <= 64): 64-row tiles;
 - prefill: 128 x 128 tiles, deep pipelines, 8 warps: the tensor-core-bound shape.
 
@@ -80,8 +85,10 @@ class TileConfig:
 
 def rule(projection: str, rows_per_expert: float) -> TileConfig:
     """The default configuration for ``projection`` ("up" or "down") at m rows per expert."""
-    if rows_per_expert <= 16:
+    if rows_per_expert <= 8:
         return TileConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
+    if rows_per_expert <= 20:
+        return TileConfig(32, 128, 128, group_m=1, num_warps=4, num_stages=4)
     if rows_per_expert <= 64:
         return TileConfig(64, 64, 64, group_m=4, num_warps=4, num_stages=4)
     if projection == "up":  # two accumulators (gate and up): shallower pipeline, same registers
@@ -154,7 +161,7 @@ def tuned_table(gpu_slug: str) -> tuple[dict, ...]:
 def pick(projection: str, n: int, k: int, rows_per_expert: float, gpu_slug: str | None) -> TileConfig:
     """The tuned configuration of the nearest measured m for this GEMM on this GPU, else ``rule``.
 
-    Only rows of the same bucket as the rule (decode, small, prefill) are considered, so a table
+    Only rows of the same bucket as the rule (decode, wider decode, small, prefill) are considered, so a table
     measured at prefill never picks the tiles of a decode batch.
     """
     default = rule(projection, rows_per_expert)
