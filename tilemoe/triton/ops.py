@@ -22,6 +22,7 @@ Each weight gradient is a sum over an expert's rows. No atomics: every gradient 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -37,6 +38,7 @@ from .kernels import (combine_kernel, grouped_gemm_kernel, grouped_wgrad_kernel,
 GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Triton's interpreter multiplies bf16 as raw bit patterns in tl.dot (triton-lang/triton#11584).
 INTERPRETER_DTYPES = (torch.float16, torch.float32)
+FP32_MAX_BLOCK_K = 64  # the deepest K slice an fp32 grouped GEMM takes (see grouped_gemm)
 
 
 def interpreted() -> bool:
@@ -122,6 +124,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     scatter: write row r to its slot's row (``routing.sorted_slots``). The caller has checked
     shapes, dtypes and contiguity (``tilemoe.backends.triton_fused``).
     """
+    if a.element_size() == 4 and config.block_k > FP32_MAX_BLOCK_K:
+        # The rule and the tuned tables are sized for 16-bit operands. fp32 doubles every pipeline
+        # stage, and a 128-deep K slice of a tall tile (32 x 128 x 128 with SwiGLU's two weight
+        # tiles) no longer fits in an H200's shared memory.
+        config = dataclasses.replace(config, block_k=FP32_MAX_BLOCK_K)
     k = a.shape[1]
     tiles_n = triton.cdiv(n, config.block_n)
     max_tiles = schedule.max_blocks * tiles_n
