@@ -199,7 +199,8 @@ def test_configs_rule_and_table_lookup():
     _, configs = ops()
     assert configs.rule("up", 1).block_m == 16 and configs.rule("down", 8).block_m == 16
     assert configs.rule("up", 16).block_m == 32 and configs.rule("down", 20).block_m == 32
-    assert configs.rule("down", 40).block_m == 64
+    assert configs.rule("down", 40).block_m == 64 and configs.rule("up", 48).block_m == 64
+    assert configs.rule("up", 49).block_m == 128 and configs.rule("down", 64).block_m == 128
     assert configs.rule("up", 4096).block_m == 128
     assert configs.pick("up", 1024, 2048, 4096, None) == configs.rule("up", 4096)
     assert configs.pick("up", 1024, 2048, 4096, "a-gpu-never-tuned") == configs.rule("up", 4096)
@@ -229,6 +230,7 @@ def test_noncontiguous_weight_is_refused_before_any_kernel():
 @pytest.mark.parametrize("preset, tokens", [
     *((p, t) for p in ("olmoe-1b-7b", "qwen3-30b-a3b", "deepseek-v3") for t in (1, 64, 1000)),
     ("olmoe-1b-7b", 128), ("mixtral-8x7b", 64),  # 16 rows per expert: the 32-row decode tiles
+    ("qwen3-30b-a3b", 512), ("deepseek-v3", 2048),  # 32 and 64 rows per expert: 64- and 128-row tiles
 ])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

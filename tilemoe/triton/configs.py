@@ -17,8 +17,11 @@ The rule follows the rows each expert gets, m = T*K/E on average:
   weights from HBM a second time (they are far larger than L2). A 32-row tile holds about
   m + 3 standard deviations of them, so each weight tile is read once; the extra rows cost
   tensor-core time that a memory-bound GEMM has to spare;
-- small batches (m <= 64): 64-row tiles;
-- prefill: 128 x 128 tiles, deep pipelines, 8 warps: the tensor-core-bound shape.
+- small batches (m <= 48): 64-row tiles; the down-projection 64 x 128, its weights loaded by TMA;
+- prefill: 128 x 128 tiles, deep pipelines, 8 warps: the tensor-core-bound shape. It starts at
+  m = 48, not 64, for the reason of the 32-row decode tiles: at m = 64 about half of the experts
+  get more than 64 rows, and a second 64-row block reads the expert's weights again, while a
+  128-row tile takes them all (an expert's last block, when short, runs as a half-height tile).
 
 ``tuned/<gpu>.json`` (written by benchmarks/tune_triton.py on that GPU) overrides the rule for the
 shapes it was measured on: the nearest measured m of the same (projection, N, K).
@@ -89,8 +92,10 @@ def rule(projection: str, rows_per_expert: float) -> TileConfig:
         return TileConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
     if rows_per_expert <= 20:
         return TileConfig(32, 128, 128, group_m=1, num_warps=4, num_stages=4)
-    if rows_per_expert <= 64:
-        return TileConfig(64, 64, 64, group_m=4, num_warps=4, num_stages=4)
+    if rows_per_expert <= 48:
+        if projection == "up":
+            return TileConfig(64, 64, 64, group_m=4, num_warps=4, num_stages=4)
+        return TileConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=3, tma=True)
     if projection == "up":  # two accumulators (gate and up): shallower pipeline, same registers
         return TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
     return TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)
@@ -120,9 +125,10 @@ class BackwardConfigs:
 
 
 def backward_rule(rows_per_expert: float, *, wide_wgrad: bool) -> BackwardConfigs:
-    """The backward's configurations. Below prefill sizes both GEMMs take the down-projection's
-    rule and the weight gradients 128 x 128 tiles. At prefill both GEMMs are plain GEMMs over
-    transposed weights and take its wide 128 x 256 tile, persistent, the weights loaded by TMA.
+    """The backward's configurations. Up to 64 rows per expert both GEMMs take the
+    down-projection's rule (``rule``) and the weight gradients 128 x 128 tiles. Above, both GEMMs
+    are plain GEMMs over transposed weights and take a wide 128 x 256 tile, persistent, the
+    weights loaded by TMA.
 
     With wide_wgrad, the weight gradients at prefill are wide along the operand read in place and
     128 along the one read through the permutation. A gathered row cannot be one TMA copy: the
