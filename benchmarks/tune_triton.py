@@ -6,10 +6,10 @@ What you will learn: which tile shape, pipeline depth and launch style win for e
 of each model shape, and by how much over the default rule (tilemoe/triton/configs.py).
 
 For every preset and token count it times the up-projection (gather + SwiGLU epilogue) and then
-the down-projection (plain stores, in expert order) alone, over a small candidate list per size bucket
-(decode: <= 8 rows per expert; wider decode: <= 20; small: <= 48; prefill), each output checked against torch first,
-each time the GPU's alone (replays of a CUDA graph: an eager call of a decode GEMM would time the
-Python that launches it).
+the down-projection (plain stores, in expert order) alone, over a small candidate list per size
+bucket (decode: <= 8 rows per expert; wider decode: <= 20; small: <= 48; prefill), each output
+checked against torch first, each time the GPU's alone (replays of a CUDA graph: an eager call
+of a decode GEMM would time the Python that launches it).
 The two GEMMs share one tile schedule, so the down-projection is tuned at the up-projection's
 winning BLOCK_M. The winners go to ``--out`` (default tilemoe/triton/tuned/<gpu>.json), which
 ``configs.pick`` reads: the nearest measured rows-per-expert of the same GEMM shape and bucket.

@@ -18,8 +18,8 @@ The rule follows the rows each expert gets, m = T*K/E on average:
   m + 3 standard deviations of them, so each weight tile is read once; the extra rows cost
   tensor-core time that a memory-bound GEMM has to spare;
 - small batches (m <= 48): 64-row tiles; the down-projection 64 x 128, its weights loaded by TMA;
-- prefill: 128 x 128 tiles, deep pipelines, 8 warps: the tensor-core-bound shape. It starts at
-  m = 48, not 64, for the reason of the 32-row decode tiles: at m = 64 about half of the experts
+- prefill: 128 x 128 tiles, deep pipelines, 8 warps: the tensor-core-bound shape. It starts
+  above m = 48, not 64, for the reason of the 32-row decode tiles: at m = 64 about half of the experts
   get more than 64 rows, and a second 64-row block reads the expert's weights again, while a
   128-row tile takes them all (an expert's last block, when short, runs as a half-height tile).
 
@@ -167,8 +167,8 @@ def tuned_table(gpu_slug: str) -> tuple[dict, ...]:
 def pick(projection: str, n: int, k: int, rows_per_expert: float, gpu_slug: str | None) -> TileConfig:
     """The tuned configuration of the nearest measured m for this GEMM on this GPU, else ``rule``.
 
-    Only rows of the same bucket as the rule (decode, wider decode, small, prefill) are considered, so a table
-    measured at prefill never picks the tiles of a decode batch.
+    Only rows of the same bucket as the rule (decode, wider decode, small, prefill) are
+    considered, so a table measured at prefill never picks the tiles of a decode batch.
     """
     default = rule(projection, rows_per_expert)
     if gpu_slug is None:
