@@ -17,7 +17,10 @@ fusions chosen by constexpr flags:
 
 - GATHER_A: row r of A is x[sorted_tokens[r]]: the up-projection reads tokens through the
   permutation, so no permuted copy of x is ever written (the backward reads dY the same way).
-- SWIGLU: two accumulators, gate (W rows 0..N-1) and up (rows N..2N-1); the epilogue writes
+- SWIGLU: W holds 2N rows, gate (rows 0..N-1) then up (rows N..2N-1). Each k-step loads the
+  tile's N columns of both halves as one [2 * BLOCK_N, BLOCK_K] weight tile and runs one dot of
+  twice the width: on Hopper one 64 x 256 wgmma per warpgroup where two of 64 x 128 would read A's
+  tile from shared memory twice. The epilogue splits the accumulator into gate and up and writes
   silu(gate) * up, and the pre-activation [gate | up] too when STORE_PRE (what a backward needs).
 - SCATTER_C: write row r to its slot's own row, sorted_slots[r], of a [T*K, N] output (the
   backward's dX): summing each token's K consecutive rows then gives its gradient.
@@ -111,17 +114,23 @@ def _gemm_tile(
 
     if not A_TMA:
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
+    # SwiGLU multiplies A by one [BLOCK_K, 2 * BLOCK_N] weight tile per k-step, the tile's gate
+    # columns then their up columns: one dot of twice the width (see the kernel's docstring).
+    W_COLS: tl.constexpr = 2 * BLOCK_N if SWIGLU else BLOCK_N
     if W_TMA and W_KN:
         w_expert = expert.to(tl.int32)
+    elif W_TMA and SWIGLU:
+        w_pair = (2 * expert).to(tl.int32)  # w viewed as [2E, N, K]: expert e's gate rows, then its up rows
     elif W_TMA:
         w_row = (expert * (stride_we // stride_wn) + pid_n * BLOCK_N).to(tl.int32)  # first row in w as [E*rows, K]
     else:
-        w_ptrs = w_ptr + expert * stride_we + cols_in[None, :] * stride_wn + ks[:, None] * stride_wk  # W^T tile [BK, BN]
         if SWIGLU:
-            up_ptrs = w_ptrs + N * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SWIGLU:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            pair = tl.arange(0, W_COLS)  # gate rows of the tile's columns, then the same columns' up rows
+            w_cols = (pair // BLOCK_N) * N + tl.minimum(pid_n * BLOCK_N + pair % BLOCK_N, N - 1)
+        else:
+            w_cols = cols_in
+        w_ptrs = w_ptr + expert * stride_we + w_cols[None, :] * stride_wn + ks[:, None] * stride_wk  # W^T tile [BK, W_COLS]
+    acc = tl.zeros((BLOCK_M, W_COLS), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = ks < K - k * BLOCK_K
         if A_TMA:
@@ -132,6 +141,8 @@ def _gemm_tile(
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         if W_TMA and W_KN:
             w = w_ptr.load([w_expert, k * BLOCK_K, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+        elif W_TMA and SWIGLU:
+            w = w_ptr.load([w_pair, pid_n * BLOCK_N, k * BLOCK_K]).reshape(W_COLS, BLOCK_K).T
         elif W_TMA:
             w = w_ptr.load([w_row, k * BLOCK_K]).T
         elif EVEN_K:
@@ -139,16 +150,6 @@ def _gemm_tile(
         else:
             w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        if SWIGLU:
-            if W_TMA:
-                u = w_ptr.load([w_row + N, k * BLOCK_K]).T
-            elif EVEN_K:
-                u = tl.load(up_ptrs)
-            else:
-                u = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
-            acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
-            if not W_TMA:
-                up_ptrs += BLOCK_K * stride_wk
         if not A_TMA:
             a_ptrs += BLOCK_K
         if not W_TMA:
@@ -157,15 +158,18 @@ def _gemm_tile(
     store_ok = row_ok[:, None] & (cols < N)[None, :]
     rows64 = rows.to(tl.int64)
     if SWIGLU:
+        # Column j of the gate half and column j of the up half sit in the same thread's registers
+        # (the tensor-core accumulator layout repeats along N), so this split moves no data.
+        gate, up = acc.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()
         if STORE_PRE:
             pre = pre_ptr + rows64[:, None] * stride_pm + cols[None, :]
             if ROWS_FULL and EVEN_N:
-                tl.store(pre, acc.to(pre_ptr.dtype.element_ty))
-                tl.store(pre + N, acc_up.to(pre_ptr.dtype.element_ty))
+                tl.store(pre, gate.to(pre_ptr.dtype.element_ty))
+                tl.store(pre + N, up.to(pre_ptr.dtype.element_ty))
             else:
-                tl.store(pre, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
-                tl.store(pre + N, acc_up.to(pre_ptr.dtype.element_ty), mask=store_ok)
-        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
+                tl.store(pre, gate.to(pre_ptr.dtype.element_ty), mask=store_ok)
+                tl.store(pre + N, up.to(pre_ptr.dtype.element_ty), mask=store_ok)
+        acc = gate * tl.sigmoid(gate) * up  # silu(gate) * up, in fp32
     if SCATTER_C:
         out_rows = tl.load(slot_ptr + rows_in).to(tl.int64)
     else:
@@ -201,7 +205,8 @@ def grouped_gemm_kernel(
     pipeline start the next tile's loads during this tile's epilogue).
 
     W_TMA / A_TMA: w_ptr / a_ptr are TMA tensor descriptors (Hopper's Tensor Memory Accelerator
-    copies whole tiles, zero-filling past the tensor's end) over w viewed as [E*rows, K] / over a.
+    copies whole tiles, zero-filling past the tensor's end) over w viewed as [E*rows, K] (with
+    SWIGLU, as [2E, N, K]: one box of [2, BLOCK_N, BLOCK_K] is a tile's gate and up rows) / over a.
     A tile may then read rows of the next expert, or columns past N: they only feed outputs that
     are never stored, so no mask is needed.
     W_KN: w is the transpose of a contiguous [E, K, N] (the backward's weights: stride_wn = 1). The

@@ -147,6 +147,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     a_half = TensorDescriptor.from_tensor(a, [config.block_m // 2, config.block_k]) if a_tma and half_tails else a_arg
     if not w_tma:
         w_arg = w
+    elif swiglu:  # [2E, N, K]: one box holds a tile's gate rows and the same columns' up rows
+        w_arg = TensorDescriptor.from_tensor(w.view(-1, n, k), [2, config.block_n, config.block_k])
     elif w_kn:
         w_arg = TensorDescriptor.from_tensor(w_stored, [1, config.block_k, config.block_n])
     else:
