@@ -96,7 +96,7 @@ def rule(projection: str, rows_per_expert: float) -> TileConfig:
         if projection == "up":
             return TileConfig(64, 64, 64, group_m=4, num_warps=4, num_stages=4)
         return TileConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=3, tma=True)
-    if projection == "up":  # two accumulators (gate and up): shallower pipeline, same registers
+    if projection == "up":  # each stage holds 128 gate and 128 up weight rows: a shallower pipeline
         return TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
     return TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)
 
