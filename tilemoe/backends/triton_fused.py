@@ -13,11 +13,9 @@ the routing) and both weight tensors. One backward per forward: it reuses the sa
 pre-activation's memory (``retain_graph=True`` and a second backward raise a RuntimeError).
 On an H100/H200 with tilemoe._C built for 90a, the two weight gradients run on the chapter's CUDA
 kernel instead (csrc/grouped_wgrad_hopper.cu; ``ops.weight_gradient(kernel="auto")``).
-``backend="auto"`` trains with it (FAST_BACKWARD): on the H200, a training step at 16384 tokens
-is 1.44x (OLMoE) and 1.63x (Qwen3) the grouped_mm path's speed with the CUDA weight gradients,
-with 0.50x and 0.53x its peak memory; SonicMoE's own module ran 1.53x and 1.62x in the same runs
-(full_moe-2026-11-24-7 and -8: examples/06_full_moe/README.md, recorded in
-benchmarks/results/nvidia-h200/).
+``backend="auto"`` trains with it (FAST_BACKWARD). Its speed and peak memory against the
+grouped_mm path and SonicMoE, measured on an H200, are in examples/06_full_moe/README.md
+("Measured results", generated from benchmarks/results/nvidia-h200/full_moe-*.json).
 
 Runs on NVIDIA GPUs in bfloat16, float16 or float32 (float32 without TF32: exact fp32 products),
 and on the CPU under TRITON_INTERPRET=1 (float16/float32; Triton must be imported after the
