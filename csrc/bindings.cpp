@@ -143,20 +143,21 @@ PYBIND11_MODULE(_C, m) {
       "grouped_wgrad_hopper",
       [](std::uintptr_t dense_ptr, int64_t dense_rows, std::uintptr_t gathered_ptr, std::uintptr_t gather_ptr,
          bool gather_a, std::uintptr_t offsets_ptr, std::uintptr_t out_ptr, int32_t num_experts, int32_t n1,
-         int32_t n2, std::uintptr_t stream, int device) {
+         int32_t n2, bool accumulate, std::uintptr_t stream, int device) {
         check(cudaSetDevice(device), "grouped_wgrad_hopper: cudaSetDevice");
         check(tilemoe::launch_grouped_wgrad_hopper(as_ptr<const __nv_bfloat16>(dense_ptr), dense_rows,
                                                    as_ptr<const __nv_bfloat16>(gathered_ptr),
                                                    as_ptr<const int64_t>(gather_ptr), gather_a,
                                                    as_ptr<const int32_t>(offsets_ptr), as_ptr<__nv_bfloat16>(out_ptr),
-                                                   num_experts, n1, n2, reinterpret_cast<cudaStream_t>(stream)),
+                                                   num_experts, n1, n2, accumulate, reinterpret_cast<cudaStream_t>(stream)),
               "grouped_wgrad_hopper");
       },
       py::arg("dense_ptr"), py::arg("dense_rows"), py::arg("gathered_ptr"), py::arg("gather_ptr"), py::arg("gather_a"),
       py::arg("offsets_ptr"), py::arg("out_ptr"), py::arg("num_experts"), py::arg("n1"), py::arg("n2"),
-      py::arg("stream"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("accumulate"), py::arg("stream"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
       "Enqueue the sm_90a weight gradients: out[e] = A[rows of e]^T B[rows of e] ([E, N1, N2]), one operand "
-      "read in place (dense, [dense_rows, N]), the other through gather (A's side if gather_a, else B's).");
+      "read in place (dense, [dense_rows, N]), the other through gather (A's side if gather_a, else B's); "
+      "with accumulate, out[e] += the same.");
 
   m.def(
       "grouped_gemm_hopper_supported",

@@ -19,7 +19,11 @@
 //     zero-filled. (TMA would read the next expert's rows there, or rows no kernel wrote.)
 // The epilogue stages the tile in shared memory and stores it with TMA through a 3-D map
 // [E, N1, N2] (clipped at N1 and N2, never into the next expert's gradient), while the producer is
-// already filling the next tile's first stages. An expert with no rows gets zeros.
+// already filling the next tile's first stages. An expert with no rows gets zeros. To accumulate
+// (dW[e] += ..., a gradient added into the one a training step already holds), the same boxes
+// go out as TMA reduce-adds: the memory system adds them to the bf16 values in place, so the SM
+// never reads the old gradient and no separate add pass runs. Every output element belongs to one
+// tile, so each is added to exactly once: deterministic.
 //
 // Tiles go out at a fixed stride (CTA i: tiles i, i + gridDim.x, ...), an expert's tiles
 // consecutive: the tiles running at once read the same expert's rows, which stay in L2.
@@ -162,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     grouped_wgrad_hopper_kernel(const __grid_constant__ CUtensorMap dense_map, const __grid_constant__ CUtensorMap out_map,
                                 const __nv_bfloat16* __restrict__ dense, const __nv_bfloat16* __restrict__ gathered,
                                 const int64_t* __restrict__ gather, const int32_t* __restrict__ offsets,
-                                int num_experts, int n1, int n2) {
+                                int num_experts, int n1, int n2, bool accumulate) {
 #ifdef TILEMOE_SM90A
   constexpr int kDenseBoxes = (kGatherA ? kBN2 : kBN1) / kBox, kGatherBoxes = (kGatherA ? kBN1 : kBN2) / kBox;
   extern __shared__ unsigned char raw[];
@@ -271,7 +275,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int out_row = t.n1_start + consumer * 64;
     if (wg_thread == 0 && out_row < n1) {
       for (int box = 0; box < kBN2 / kBox && t.n2_start + box * kBox < n2; ++box) {
-        tma_store_3d(&out_map, staging + box * 64 * kBox, t.n2_start + box * kBox, out_row, t.expert);
+        if (accumulate) {
+          tma_reduce_add_3d(&out_map, staging + box * 64 * kBox, t.n2_start + box * kBox, out_row, t.expert);
+        } else {
+          tma_store_3d(&out_map, staging + box * 64 * kBox, t.n2_start + box * kBox, out_row, t.expert);
+        }
       }
       bulk_commit();
     }
@@ -289,7 +297,7 @@ cudaError_t persistent_ctas(int* ctas) {
 template <bool kGatherA>
 cudaError_t launch(const __nv_bfloat16* dense, int64_t dense_rows, const __nv_bfloat16* gathered,
                    const int64_t* gather, const int32_t* offsets, __nv_bfloat16* out, int32_t num_experts, int32_t n1,
-                   int32_t n2, cudaStream_t stream) {
+                   int32_t n2, bool accumulate, cudaStream_t stream) {
   int ctas = 0;
   cudaError_t err = persistent_ctas<kGatherA>(&ctas);
   if (err != cudaSuccess) return err;
@@ -308,7 +316,7 @@ cudaError_t launch(const __nv_bfloat16* dense, int64_t dense_rows, const __nv_bf
   const int64_t tiles = static_cast<int64_t>((n1 + kBN1 - 1) / kBN1) * ((n2 + kBN2 - 1) / kBN2) * num_experts;
   const int grid = static_cast<int>(std::min<int64_t>(ctas, tiles));
   grouped_wgrad_hopper_kernel<kGatherA><<<grid, kThreads, kSmemBytes, stream>>>(
-      dense_map, out_map, dense, gathered, gather, offsets, num_experts, n1, n2);
+      dense_map, out_map, dense, gathered, gather, offsets, num_experts, n1, n2, accumulate);
   return cudaGetLastError();
 }
 
@@ -317,12 +325,12 @@ cudaError_t launch(const __nv_bfloat16* dense, int64_t dense_rows, const __nv_bf
 cudaError_t launch_grouped_wgrad_hopper(const __nv_bfloat16* dense, int64_t dense_rows, const __nv_bfloat16* gathered,
                                         const int64_t* gather, bool gather_a, const int32_t* offsets,
                                         __nv_bfloat16* out, int32_t num_experts, int32_t n1, int32_t n2,
-                                        cudaStream_t stream) {
+                                        bool accumulate, cudaStream_t stream) {
   if (num_experts < 1 || n1 <= 0 || n2 <= 0 || n1 % 8 || n2 % 8 || dense_rows < 1 || dense_rows > INT32_MAX) {
     return cudaErrorInvalidValue;
   }
-  return gather_a ? launch<true>(dense, dense_rows, gathered, gather, offsets, out, num_experts, n1, n2, stream)
-                  : launch<false>(dense, dense_rows, gathered, gather, offsets, out, num_experts, n1, n2, stream);
+  return gather_a ? launch<true>(dense, dense_rows, gathered, gather, offsets, out, num_experts, n1, n2, accumulate, stream)
+                  : launch<false>(dense, dense_rows, gathered, gather, offsets, out, num_experts, n1, n2, accumulate, stream);
 }
 
 cudaError_t grouped_wgrad_hopper_supported() {

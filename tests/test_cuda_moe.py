@@ -277,8 +277,9 @@ def _wgrad_args(**change):
          "a_gather: expected exactly one of a_gather and b_gather (the operand read through the permutation), got neither"),
         (dict(b=torch.zeros(8, 24)), TypeError, "b: expected dtype torch.bfloat16, got torch.float32"),
         ({}, ValueError, "a: expected a CUDA tensor, got device cpu"),
+        (dict(accumulate=True), ValueError, "out: expected the [E, N1, N2] tensor to add into (accumulate=True), got None"),
     ],
-    ids=["both-gathered", "none-gathered", "b-dtype", "cpu"],
+    ids=["both-gathered", "none-gathered", "b-dtype", "cpu", "accumulate-without-out"],
 )
 def test_wgrad_argument_errors(change, exc, message):
     with pytest.raises(exc) as info:
@@ -295,6 +296,12 @@ def test_weight_gradient_kernel_choice_is_checked():
     with pytest.raises(RuntimeError, match=r"^weight_gradient\(kernel='cuda'\) cannot run here: the operands are not on a CUDA device$"):
         ops.weight_gradient(a, a, None, configs.WgradConfig(), a_gather=torch.zeros(4, dtype=torch.int64),
                             dtype=a.dtype, kernel="cuda")
+    routing = mock_routing(torch.tensor([0, 1, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"^accumulate_into: expected shape \[E, N1, N2\] = \[2, 8, 8\], got \[2, 8, 4\]$"):
+        ops.weight_gradient(a, a, routing, configs.WgradConfig(), dtype=a.dtype, accumulate_into=torch.zeros(2, 8, 4))
+    with pytest.raises(TypeError, match=r"^accumulate_into: expected a torch.float32 tensor on cpu, got torch.float16 on cpu$"):
+        ops.weight_gradient(a, a, routing, configs.WgradConfig(), dtype=a.dtype,
+                            accumulate_into=torch.zeros(2, 8, 8, dtype=torch.float16))
 
 
 # name -> (rows per expert, tokens, N1, N2): empty experts, one row, one expert with everything,
@@ -319,6 +326,32 @@ def test_wgrad_matches_fp32_on_every_element(case, gather_side):
     dw = tcuda.grouped_wgrad(a, b, offsets, out=out, **gathers)
     assert dw.data_ptr() == out.data_ptr()
     assert_every_element_close(dw, wgrad_reference(a, b, offsets, **gathers))
+
+
+@on_hopper
+@pytest.mark.parametrize("gather_side", ["a", "b"])
+@pytest.mark.parametrize("case", ["not-tile-multiples", "one-expert-takes-all", "many-experts"])
+def test_wgrad_accumulate_adds_into_out(case, gather_side):
+    """accumulate=True: out[e] += A_e^T B_e in place (TMA reduce-adds); experts without rows keep
+    their values. Through ops.weight_gradient the Triton kernel adds the same."""
+    from tilemoe.triton import configs, ops
+
+    counts, num_tokens, n1, n2 = WGRAD_CASES[case]
+    a, b, offsets, gathers = make_wgrad(counts, num_tokens, n1, n2, gather_side, seed=len(case) + 1)
+    held = torch.randn(len(counts), n1, n2, generator=torch.Generator().manual_seed(3)).bfloat16().cuda()
+    want = held.float() + wgrad_reference(a, b, offsets, **gathers)
+    out = held.clone()
+    dw = tcuda.grouped_wgrad(a, b, offsets, out=out, accumulate=True, **gathers)
+    assert dw.data_ptr() == out.data_ptr()
+    assert_every_element_close(dw, want)
+    empty = [e for e, c in enumerate(counts) if c == 0]
+    assert torch.equal(dw[empty], held[empty])
+    for kernel in ("cuda", "triton"):
+        out = held.clone()
+        dw = ops.weight_gradient(a, b, mock_routing(offsets), configs.WgradConfig(), dtype=torch.bfloat16, kernel=kernel,
+                                 accumulate_into=out, **gathers)
+        assert dw.data_ptr() == out.data_ptr(), kernel
+        assert_every_element_close(dw, want)
 
 
 @on_hopper

@@ -208,6 +208,84 @@ def test_the_backward_consumes_the_saved_pre_activation():
         y.backward(dy)
 
 
+def accumulation_case(dtype):
+    """Weights as leaves that already hold a gradient (random, as from earlier micro-batches)."""
+    w = make_weights(64, 48, 5, dtype=dtype, device=DEVICE, seed=11)
+    x = torch.randn(37, 64, generator=torch.Generator().manual_seed(12)).to(DEVICE, dtype)
+    dy = torch.randn(37, 64, generator=torch.Generator().manual_seed(13)).to(DEVICE, dtype)
+    routing = forced_routing(distinct_ids(37, 2, [0, 2, 3, 4], seed=14).to(DEVICE), 5)  # expert 1 empty
+    leaves = {n: w[n].clone().requires_grad_() for n in ("w_gate_up", "w_down")}
+    held = {n: torch.randn(t.shape, generator=torch.Generator().manual_seed(15)).to(DEVICE, dtype)
+            for n, t in leaves.items()}
+    for n, leaf in leaves.items():
+        leaf.grad = held[n].clone()
+
+    def forward():
+        return tilemoe.moe_forward(x, w["router_weight"], leaves["w_gate_up"], leaves["w_down"], 2,
+                                   backend="triton", routing=routing)
+
+    return leaves, held, forward, dy, reference_grads(x, w, routing, dy)
+
+
+def adds_in_place(ops_mod):
+    """Patches ops.weight_gradient to record, per call, whether it was asked to add into a held
+    gradient (a bool: holding the tensor itself would keep autograd from reusing it)."""
+    calls = []
+    real = ops_mod.weight_gradient
+
+    def record(*args, **kwargs):
+        calls.append(kwargs.get("accumulate_into") is not None)
+        return real(*args, **kwargs)
+
+    return calls, mock.patch.object(ops_mod, "weight_gradient", record)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_adds_into_gradients_already_held_in_place(dtype):
+    # loss.backward() with .grad kept from an earlier step: the weight-gradient kernels add into
+    # .grad where it lies (the same memory afterwards), and the sum is the held gradient plus the
+    # reference's, with expert 1 (no rows) keeping its held values.
+    leaves, held, forward, dy, ref = accumulation_case(dtype)
+    where = {n: leaf.grad.data_ptr() for n, leaf in leaves.items()}
+    calls, patch = adds_in_place(ops()[0])
+    with patch:
+        forward().backward(dy)
+    assert calls == [True, True]
+    for n, leaf in leaves.items():  # autograd kept the tensor the kernel added into (no copy)
+        assert leaf.grad.data_ptr() == where[n], f"{n}: the gradient moved instead of being added in place"
+        want = held[n].double() + ref[n]
+        assert tilemoe.rel_error(leaf.grad, want) <= tilemoe.TOLERANCE[dtype], n
+        assert torch.equal(leaf.grad[1], held[n][1]), f"{n}: the empty expert's held gradient changed"
+
+
+@needs_triton
+def test_gradients_that_must_be_seen_alone_are_not_added_in_place():
+    # torch.autograd.grad returns the gradient without touching .grad; a tensor hook sees the
+    # increment; a first step has no .grad to add into. All take the normal path, and .grad ends
+    # as autograd defines it.
+    dtype = torch.float32
+    leaves, held, forward, dy, ref = accumulation_case(dtype)
+    calls, patch = adds_in_place(ops()[0])
+    with patch:
+        grads = torch.autograd.grad(forward(), list(leaves.values()), dy)
+        for n, g in zip(leaves, grads):
+            assert tilemoe.rel_error(g, ref[n]) <= tilemoe.TOLERANCE[dtype], n
+            assert torch.equal(leaves[n].grad, held[n]), f"{n}: autograd.grad changed .grad"
+        seen = []
+        hook = leaves["w_down"].register_hook(lambda g: seen.append(g.clone()))
+        forward().backward(dy)
+        hook.remove()
+        assert len(seen) == 1 and tilemoe.rel_error(seen[0], ref["w_down"]) <= tilemoe.TOLERANCE[dtype]
+        for leaf in leaves.values():
+            leaf.grad = None
+        forward().backward(dy)
+    # w_down's backward runs first: under the hook only w_gate_up's gradient is added in place
+    assert calls == [False, False, False, True, False, False]
+    for n, leaf in leaves.items():
+        assert tilemoe.rel_error(leaf.grad, ref[n]) <= tilemoe.TOLERANCE[dtype], n
+
+
 @needs_triton
 def test_swiglu_up_projection_refuses_transposed_weights():
     ops_mod, configs = ops()

@@ -363,7 +363,7 @@ def moe_up(x: torch.Tensor, w_gate_up: torch.Tensor, offsets: torch.Tensor, gath
 
 def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, a_gather: torch.Tensor | None = None,
                   b_gather: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                  validate: bool = True) -> torch.Tensor:
+                  accumulate: bool = False, validate: bool = True) -> torch.Tensor:
     """The weight gradients of a grouped GEMM: ``out[e] = A_e^T @ B_e`` summed over expert e's
     grouped rows r (``offsets[e] <= r < offsets[e + 1]``), where row r of A is ``a[a_gather[r]]``
     (or ``a[r]`` without a_gather) and likewise for B. Exactly one operand is gathered: dW_down =
@@ -377,17 +377,22 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, a_
         a_gather / b_gather: [M] int64, the gathered operand's row of each grouped row (a Routing's
             ``sorted_tokens``); exactly one of them.
         out: [E, N1, N2] bfloat16 to write into, or None for a new tensor.
+        accumulate: add the gradients into out (which must then be given) instead of overwriting
+            it: ``out[e] += A_e^T @ B_e``, each element added once by a TMA reduce-add (in bf16,
+            deterministic), without a separate pass over out.
         validate: check the offsets and the gathered indices first (one host sync). With False
             nothing is read back (a hot path, CUDA-graph capture).
 
     Returns:
         out [E, N1, N2] bfloat16 (fp32 accumulation, rounded once); experts without rows get
-        zeros. Runs on a compute capability 9.0 GPU (a build with the 90a target) on the current
+        zeros (with accumulate, keep their values). Runs on a compute capability 9.0 GPU (a build with the 90a target) on the current
         stream; RuntimeError with the reason elsewhere.
     """
     if (a_gather is None) == (b_gather is None):
         checks.fail("a_gather", "exactly one of a_gather and b_gather (the operand read through the permutation)",
                     "both" if a_gather is not None else "neither")
+    if accumulate and out is None:
+        checks.fail("out", "the [E, N1, N2] tensor to add into (accumulate=True)", None)
     gather_a = a_gather is not None
     gather, gather_name = (a_gather, "a_gather") if gather_a else (b_gather, "b_gather")
     _check_operands("grouped_wgrad", {"a": (a, 2, torch.bfloat16), "b": (b, 2, torch.bfloat16),
@@ -404,9 +409,9 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, a_
     _check_grouping(offsets, num_experts, rows, gather, gather_name, gathered.shape[0], validate)
     out = _out(out, (num_experts, n1, n2), a, shape_text=f"[E, N1, N2] = [{num_experts}, {n1}, {n2}]")
     if rows == 0 or gathered.shape[0] == 0:  # no grouped rows at all: every expert's gradient is zero
-        return out.zero_()
+        return out if accumulate else out.zero_()
     _C.grouped_wgrad_hopper(dense.data_ptr(), rows, gathered.data_ptr(), gather.data_ptr(), gather_a,
-                            offsets.data_ptr(), out.data_ptr(), num_experts, n1, n2,
+                            offsets.data_ptr(), out.data_ptr(), num_experts, n1, n2, accumulate,
                             torch.cuda.current_stream(a.device).cuda_stream, a.device.index)
     return out
 

@@ -11,6 +11,9 @@ autograd node each), memory-lean like SonicMoE's: the forward saves only x, the 
 and returns gradients for x, the routing weights (so the router, through PyTorch's autograd of
 the routing) and both weight tensors. One backward per forward: it reuses the saved
 pre-activation's memory (``retain_graph=True`` and a second backward raise a RuntimeError).
+Where a weight's .grad already holds a gradient that this backward adds to (gradient
+accumulation, or any step that keeps .grad allocated), the weight-gradient kernels add into it in
+place instead of returning a new tensor for autograd to add (``_grad_to_add_into``).
 On an H100/H200 with tilemoe._C built for 90a, the two weight gradients run on the chapter's CUDA
 kernel instead (csrc/grouped_wgrad_hopper.cu; ``ops.weight_gradient(kernel="auto")``).
 ``backend="auto"`` trains with it (FAST_BACKWARD). Its speed and peak memory against the
@@ -70,6 +73,43 @@ def check_inputs(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_d
                     f"T = {routing.num_tokens}, E = {routing.num_experts}")
 
 
+def _grad_to_add_into(w: torch.Tensor) -> torch.Tensor | None:
+    """w.grad, when this backward will add w's gradient into it and nothing needs the increment
+    alone; else None.
+
+    PyTorch's autograd adds a leaf's new gradient into its existing .grad in a separate pass: for
+    the expert weights that reads two tensors of the weights' size and writes one, after the
+    weight-gradient kernel wrote the new one. Instead the kernel adds into .grad in its epilogue
+    (``ops.weight_gradient``'s accumulate_into), and the backward returns that tensor as w's
+    gradient after setting w.grad to None: autograd finds no gradient to add to and keeps the
+    returned one as it is, so hooks that run after accumulation (DDP's) see the same .grad.
+    The normal path runs instead under torch.autograd.grad (the gradient is returned, never added:
+    the engine says so by refusing the question), with a tensor hook on w (it must see the
+    increment), a non-leaf w, or a .grad of another dtype, shape or layout."""
+    if not w.is_leaf or w._backward_hooks:
+        return None
+    grad = w.grad
+    if (grad is None or grad.requires_grad or grad.dtype != w.dtype or grad.shape != w.shape
+            or not grad.is_contiguous()):
+        return None
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if will_execute is None:
+        return None
+    try:
+        adds = will_execute(torch.autograd.graph.get_gradient_edge(w).node)
+    except RuntimeError:  # torch.autograd.grad: the engine will not accumulate into .grad
+        return None
+    return grad if adds else None
+
+
+def _weight_grad(w: torch.Tensor, grad: torch.Tensor | None, added_into: torch.Tensor | None) -> torch.Tensor | None:
+    """What the backward returns for w: the kernel's gradient, or .grad itself once the kernel
+    added into it (then detached from w, so autograd takes it back without adding again)."""
+    if added_into is not None:
+        w.grad = None
+    return grad
+
+
 class _UpProjection(torch.autograd.Function):
     """x -> (pre, A): the up-projection, SwiGLU fused. Saves x (the weights are the caller's).
 
@@ -92,9 +132,10 @@ class _UpProjection(torch.autograd.Function):
         if d_pre is None:  # no gradient reached pre
             return None, None, None, None, None
         x, w_gate_up = ctx.saved_tensors
+        into = _grad_to_add_into(w_gate_up) if ctx.needs_input_grad[1] else None
         dx, d_gate_up = ops().backward_up(d_pre, x, ctx.routing, w_gate_up, needs=ctx.needs_input_grad[:2],
-                                          consume_d_pre=True)
-        return dx, d_gate_up, None, None, None
+                                          consume_d_pre=True, grad_into=into)
+        return dx, _weight_grad(w_gate_up, d_gate_up, into), None, None, None
 
 
 class _DownProjection(torch.autograd.Function):
@@ -120,9 +161,10 @@ class _DownProjection(torch.autograd.Function):
                                "is not supported, because the first one reused the saved pre-activation's memory; "
                                "run the forward again, or use backend='grouped_mm' to backward twice")
         needs = ctx.needs_input_grad
+        into = _grad_to_add_into(w_down) if needs[3] else None
         d_pre, d_weights, d_down = ops().backward_down(dy, pre, ctx.routing, w_down, needs=(needs[0], needs[2], needs[3]),
-                                                       consume_pre=True)
-        return d_pre, None, d_weights, d_down, None, None, None
+                                                       consume_pre=True, grad_into=into)
+        return d_pre, None, d_weights, _weight_grad(w_down, d_down, into), None, None, None
 
 
 def experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

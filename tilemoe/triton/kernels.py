@@ -278,7 +278,8 @@ def grouped_wgrad_kernel(a_ptr, b_ptr, c_ptr, a_gather_ptr, b_gather_ptr, offset
                          N1, N2, stride_am, stride_bm, stride_ce, stride_cn,
                          BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_R: tl.constexpr,
                          GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
-                         EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         ACCUMULATE: tl.constexpr):
     """C[e] = A[rows of e]^T @ B[rows of e] for expert e = program_id(1): [N1, N2] per expert.
 
     a: [R, N1] (or read through a_gather_ptr: row r is a[a_gather[r]]), b: [R, N2] likewise,
@@ -291,6 +292,8 @@ def grouped_wgrad_kernel(a_ptr, b_ptr, c_ptr, a_gather_ptr, b_gather_ptr, offset
     dropped slots, never written (NaN times the other operand's masked zeros is still NaN): the
     partial chunk masks them itself.
     EVEN_N1 / EVEN_N2: N is a multiple of its tile, so the pointer loads need no column mask.
+    ACCUMULATE: C[e] += the sum instead of =: the tile's old values are read and added in fp32
+    (each output element belongs to one program, so the read and the write are its own).
     """
     expert = tl.program_id(1)
     tiles_n2 = tl.cdiv(N2, BLOCK_N2)
@@ -329,7 +332,10 @@ def grouped_wgrad_kernel(a_ptr, b_ptr, c_ptr, a_gather_ptr, b_gather_ptr, offset
             b = _wgrad_rows(b_ptr, b_gather_ptr, rows, n2, stride_bm, row_ok, n2_ok, GATHER_B, True, not EVEN_N2)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
     c = c_ptr + expert.to(tl.int64) * stride_ce + n1[:, None].to(tl.int64) * stride_cn + n2[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=n1_ok[:, None] & n2_ok[None, :])
+    c_ok = n1_ok[:, None] & n2_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit

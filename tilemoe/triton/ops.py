@@ -241,7 +241,7 @@ def backward_configs(routing: Routing, operand: torch.Tensor) -> configs.Backwar
 
 def backward_down(dy: torch.Tensor, pre: torch.Tensor, routing: Routing, w_down: torch.Tensor, *,
                   needs: tuple = (True, True, True), consume_pre: bool = False,
-                  tile_configs: configs.BackwardConfigs | None = None) -> tuple:
+                  tile_configs: configs.BackwardConfigs | None = None, grad_into: torch.Tensor | None = None) -> tuple:
     """The down-projection's half of the backward: gradients of y with respect to (pre,
     routing.topk_weights, w_down), None where ``needs`` says not wanted. With slot s = (t, k) of
     expert e, weight p and grouped row r, and A_r = silu(gate_r) * up_r recomputed from pre:
@@ -254,6 +254,8 @@ def backward_down(dy: torch.Tensor, pre: torch.Tensor, routing: Routing, w_down:
     place. Otherwise d pre gets a new buffer.
     tile_configs: a configs.BackwardConfigs to use instead of ``backward_configs``' (its grad and
     wgrad_down).
+    grad_into: w_down's existing gradient: dW_down is added into it (``weight_gradient``'s
+    accumulate_into) and it is returned in dW_down's place.
     """
     slots, ffn = pre.shape[0], w_down.shape[2]
     num_tokens, top_k = routing.topk_ids.shape
@@ -272,13 +274,14 @@ def backward_down(dy: torch.Tensor, pre: torch.Tensor, routing: Routing, w_down:
         dp = dscale[routing.slot_position].view(num_tokens, top_k)
         d_weights = torch.where(routing.dropped, 0.0, dp).to(routing.topk_weights.dtype)
     if need_down:
-        d_down = weight_gradient(dy, g, routing, wgrad_cfg, a_gather=routing.sorted_tokens, dtype=w_down.dtype)
+        d_down = weight_gradient(dy, g, routing, wgrad_cfg, a_gather=routing.sorted_tokens, dtype=w_down.dtype,
+                                 accumulate_into=grad_into)
     return (d_pre if need_pre else None), d_weights, d_down
 
 
 def backward_up(d_pre: torch.Tensor, x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, *,
                 needs: tuple = (True, True), consume_d_pre: bool = False,
-                tile_configs: configs.BackwardConfigs | None = None) -> tuple:
+                tile_configs: configs.BackwardConfigs | None = None, grad_into: torch.Tensor | None = None) -> tuple:
     """The up-projection's half of the backward: gradients with respect to (x, w_gate_up) from the
     pre-activation's gradient d_pre [T*K, 2I], None where ``needs`` says not wanted:
       dW_gu_e = sum_r d_pre_r^T x[t]              a reduction over the expert's rows;
@@ -287,6 +290,7 @@ def backward_up(d_pre: torch.Tensor, x: torch.Tensor, routing: Routing, w_gate_u
     of that size held. consume_d_pre: release d_pre's memory once its last reader is done.
     tile_configs: a configs.BackwardConfigs to use instead of ``backward_configs``' (its dx and
     wgrad_gate_up).
+    grad_into: w_gate_up's existing gradient, to add dW_gate_up into (as ``backward_down``'s).
     """
     hidden = x.shape[1]
     chosen = tile_configs or backward_configs(routing, d_pre)
@@ -301,7 +305,7 @@ def backward_up(d_pre: torch.Tensor, x: torch.Tensor, routing: Routing, w_gate_u
         del rows
     if need_gate_up:
         d_gate_up = weight_gradient(d_pre, x, routing, wgrad_cfg, b_gather=routing.sorted_tokens,
-                                    dtype=w_gate_up.dtype)
+                                    dtype=w_gate_up.dtype, accumulate_into=grad_into)
     if consume_d_pre:  # the caller holds d_pre too: release the memory itself, not a reference
         d_pre.untyped_storage().resize_(0)
     return dx, d_gate_up
@@ -350,9 +354,12 @@ def cuda_wgrad_reason(a: torch.Tensor, b: torch.Tensor, a_gather: torch.Tensor |
 
 def weight_gradient(a: torch.Tensor, b: torch.Tensor, routing: Routing, config: configs.WgradConfig, *,
                     a_gather: torch.Tensor | None = None, b_gather: torch.Tensor | None = None,
-                    dtype: torch.dtype, kernel: str = "auto") -> torch.Tensor:
+                    dtype: torch.dtype, kernel: str = "auto", accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
     """dW [E, N1, N2]: for every expert e, the sum over its grouped rows r of a[r]^T b[r] (a row
     read through a_gather / b_gather when given). Experts with no rows get zeros.
+
+    accumulate_into: a contiguous [E, N1, N2] tensor of ``dtype`` (a weight's existing .grad) that
+    the sums are added into, in the kernel's epilogue, instead of a new tensor; it is returned.
 
     kernel: "triton", ``grouped_wgrad_kernel`` with config's tiles (an operand read in place loads
     through a TMA descriptor where config.tma allows); "cuda", the warp-specialized Hopper kernel
@@ -361,17 +368,26 @@ def weight_gradient(a: torch.Tensor, b: torch.Tensor, routing: Routing, config: 
     ``benchmarks/tune_triton.py --backward`` times both."""
     if kernel not in ("auto", "triton", "cuda"):
         checks.fail("kernel", '"auto", "triton" or "cuda"', repr(kernel))
+    n1, n2 = a.shape[1], b.shape[1]
+    accumulate = accumulate_into is not None
+    if accumulate:
+        num_experts = routing.num_experts
+        checks.check_shape("accumulate_into", accumulate_into, (num_experts, n1, n2), f"[E, N1, N2] = [{num_experts}, {n1}, {n2}]")
+        checks.check_contiguous("accumulate_into", accumulate_into)
+        if accumulate_into.dtype != dtype or accumulate_into.device != a.device:
+            checks.fail("accumulate_into", f"a {dtype} tensor on {a.device}",
+                        f"{accumulate_into.dtype} on {accumulate_into.device}", TypeError)
     if kernel != "triton":
         why = cuda_wgrad_reason(a, b, a_gather, b_gather, dtype)
         if why is None:
             from .. import cuda
 
-            return cuda.grouped_wgrad(a, b, routing.offsets, a_gather=a_gather, b_gather=b_gather, validate=False)
+            return cuda.grouped_wgrad(a, b, routing.offsets, a_gather=a_gather, b_gather=b_gather, out=accumulate_into,
+                                      accumulate=accumulate, validate=False)
         if kernel == "cuda":
             raise RuntimeError(f"weight_gradient(kernel='cuda') cannot run here: {why}")
-    n1, n2 = a.shape[1], b.shape[1]
     num_experts = routing.num_experts
-    out = torch.empty(num_experts, n1, n2, dtype=dtype, device=a.device)
+    out = accumulate_into if accumulate else torch.empty(num_experts, n1, n2, dtype=dtype, device=a.device)
     dummy = routing.offsets
     tma = config.tma and configs.tma_on()
     a_tma = tma and a_gather is None and tma_allowed(a)
@@ -385,7 +401,7 @@ def weight_gradient(a: torch.Tensor, b: torch.Tensor, routing: Routing, config: 
         BLOCK_N1=config.block_n1, BLOCK_N2=config.block_n2, BLOCK_R=config.block_r,
         GATHER_A=a_gather is not None, GATHER_B=b_gather is not None, A_TMA=a_tma, B_TMA=b_tma,
         EVEN_N1=n1 % config.block_n1 == 0, EVEN_N2=n2 % config.block_n2 == 0, DOT_PRECISION=dot_precision(a.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        ACCUMULATE=accumulate, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
 

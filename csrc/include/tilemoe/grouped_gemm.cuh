@@ -83,11 +83,12 @@ cudaError_t grouped_gemm_hopper_supported();
 // The weight gradients dW[e] = A[rows of e]^T B[rows of e] ([E, N1, N2], rows offsets[e] ..
 // offsets[e + 1]) on sm_90a: one operand ("dense", [dense_rows, N], N = N2 if gather_a else N1)
 // read in place, the other ("gathered", rows gather[r]) through the permutation; gather_a says
-// which side is gathered. N1 and N2 multiples of 8. csrc/grouped_wgrad_hopper.cu.
+// which side is gathered. N1 and N2 multiples of 8. accumulate: out[e] += ... instead of =.
+// csrc/grouped_wgrad_hopper.cu.
 cudaError_t launch_grouped_wgrad_hopper(const __nv_bfloat16* dense, int64_t dense_rows, const __nv_bfloat16* gathered,
                                         const int64_t* gather, bool gather_a, const int32_t* offsets,
                                         __nv_bfloat16* out, int32_t num_experts, int32_t n1, int32_t n2,
-                                        cudaStream_t stream);
+                                        bool accumulate, cudaStream_t stream);
 
 cudaError_t grouped_wgrad_hopper_supported();
 

@@ -115,6 +115,13 @@ __device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, const void*
                "r"(shared_address(src)), "r"(x), "r"(y), "r"(z)
                : "memory");
 }
+// The same copy, added into global memory (an element-wise reduction in the map's type, done by
+// the memory system): what an accumulating store needs, with no read of the old values by the SM.
+__device__ __forceinline__ void tma_reduce_add_3d(const CUtensorMap* map, const void* src, int x, int y, int z) {
+  asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(map),
+               "r"(shared_address(src)), "r"(x), "r"(y), "r"(z)
+               : "memory");
+}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Wait until this thread's bulk groups, all but kPending, have read their shared memory (the
 // buffer may be rewritten); the global writes may still be in flight.
