@@ -85,7 +85,9 @@ def _grad_to_add_into(w: torch.Tensor) -> torch.Tensor | None:
     returned one as it is, so hooks that run after accumulation (DDP's) see the same .grad.
     The normal path runs instead under torch.autograd.grad (the gradient is returned, never added:
     the engine says so by refusing the question), with a tensor hook on w (it must see the
-    increment), a non-leaf w, or a .grad of another dtype, shape or layout."""
+    increment), a non-leaf w, or a .grad of another dtype, shape or layout. The engine is asked
+    through torch._C._will_engine_execute_node, a private PyTorch function (its FSDP asks it the
+    same); a PyTorch without it takes the normal path."""
     if not w.is_leaf or w._backward_hooks:
         return None
     grad = w.grad
@@ -102,20 +104,12 @@ def _grad_to_add_into(w: torch.Tensor) -> torch.Tensor | None:
     return grad if adds else None
 
 
-def _weight_grad(w: torch.Tensor, grad: torch.Tensor | None, added_into: torch.Tensor | None) -> torch.Tensor | None:
-    """What the backward returns for w: the kernel's gradient, or .grad itself once the kernel
-    added into it (then detached from w, so autograd takes it back without adding again)."""
-    if added_into is not None:
-        w.grad = None
-    return grad
-
-
 class _UpProjection(torch.autograd.Function):
     """x -> (pre, A): the up-projection, SwiGLU fused. Saves x (the weights are the caller's).
 
-    The experts are two autograd nodes, not one, so that autograd adds w_down's gradient into
-    .grad (and frees it) before the up-projection's backward allocates w_gate_up's: the step never
-    holds both fresh weight gradients. A is not differentiable here: the down node recomputes it
+    The experts are two autograd nodes, not one, so that where the weight gradients are new
+    tensors (no .grad held: ``_grad_to_add_into``), autograd adds w_down's into .grad (and frees
+    it) before the up-projection's backward allocates w_gate_up's: the step never holds both. A is not differentiable here: the down node recomputes it
     from pre, and its gradient arrives as pre's."""
 
     @staticmethod
@@ -135,7 +129,9 @@ class _UpProjection(torch.autograd.Function):
         into = _grad_to_add_into(w_gate_up) if ctx.needs_input_grad[1] else None
         dx, d_gate_up = ops().backward_up(d_pre, x, ctx.routing, w_gate_up, needs=ctx.needs_input_grad[:2],
                                           consume_d_pre=True, grad_into=into)
-        return dx, _weight_grad(w_gate_up, d_gate_up, into), None, None, None
+        if into is not None:
+            w_gate_up.grad = None  # autograd takes the sum back as the gradient, with nothing to add it to
+        return dx, d_gate_up, None, None, None
 
 
 class _DownProjection(torch.autograd.Function):
@@ -164,7 +160,9 @@ class _DownProjection(torch.autograd.Function):
         into = _grad_to_add_into(w_down) if needs[3] else None
         d_pre, d_weights, d_down = ops().backward_down(dy, pre, ctx.routing, w_down, needs=(needs[0], needs[2], needs[3]),
                                                        consume_pre=True, grad_into=into)
-        return d_pre, None, d_weights, _weight_grad(w_down, d_down, into), None, None, None
+        if into is not None:
+            w_down.grad = None  # as in _UpProjection.backward
+        return d_pre, None, d_weights, d_down, None, None, None
 
 
 def experts(x: torch.Tensor, routing: Routing, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
