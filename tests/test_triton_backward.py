@@ -248,10 +248,15 @@ def test_backward_adds_into_gradients_already_held_in_place(dtype):
     # reference's, with expert 1 (no rows) keeping its held values.
     leaves, held, forward, dy, ref = accumulation_case(dtype)
     where = {n: leaf.grad.data_ptr() for n, leaf in leaves.items()}
+    after = {n: [] for n in leaves}  # what hooks that run after accumulation (DDP's kind) see
+    for n, leaf in leaves.items():
+        leaf.register_post_accumulate_grad_hook(lambda p, n=n: after[n].append(p.grad.clone()))
     calls, patch = adds_in_place(ops()[0])
     with patch:
         forward().backward(dy)
     assert calls == [True, True]
+    for n, leaf in leaves.items():
+        assert len(after[n]) == 1 and torch.equal(after[n][0], leaf.grad), f"{n}: post-accumulate hook"
     for n, leaf in leaves.items():  # autograd kept the tensor the kernel added into (no copy)
         assert leaf.grad.data_ptr() == where[n], f"{n}: the gradient moved instead of being added in place"
         want = held[n].double() + ref[n]

@@ -385,8 +385,8 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, a_
 
     Returns:
         out [E, N1, N2] bfloat16 (fp32 accumulation, rounded once); experts without rows get
-        zeros (with accumulate, keep their values). Runs on a compute capability 9.0 GPU (a build with the 90a target) on the current
-        stream; RuntimeError with the reason elsewhere.
+        zeros (with accumulate, keep their values). Runs on a compute capability 9.0 GPU (a build
+        with the 90a target) on the current stream; RuntimeError with the reason elsewhere.
     """
     if (a_gather is None) == (b_gather is None):
         checks.fail("a_gather", "exactly one of a_gather and b_gather (the operand read through the permutation)",

@@ -82,7 +82,8 @@ def _grad_to_add_into(w: torch.Tensor) -> torch.Tensor | None:
     weight-gradient kernel wrote the new one. Instead the kernel adds into .grad in its epilogue
     (``ops.weight_gradient``'s accumulate_into), and the backward returns that tensor as w's
     gradient after setting w.grad to None: autograd finds no gradient to add to and keeps the
-    returned one as it is, so hooks that run after accumulation (DDP's) see the same .grad.
+    returned one as it is. Hooks registered to run after accumulation (what DDP's reducer uses)
+    still run once, and see .grad holding the sum, as they would have.
     The normal path runs instead under torch.autograd.grad (the gradient is returned, never added:
     the engine says so by refusing the question), with a tensor hook on w (it must see the
     increment), a non-leaf w, or a .grad of another dtype, shape or layout. The engine is asked
@@ -109,8 +110,9 @@ class _UpProjection(torch.autograd.Function):
 
     The experts are two autograd nodes, not one, so that where the weight gradients are new
     tensors (no .grad held: ``_grad_to_add_into``), autograd adds w_down's into .grad (and frees
-    it) before the up-projection's backward allocates w_gate_up's: the step never holds both. A is not differentiable here: the down node recomputes it
-    from pre, and its gradient arrives as pre's."""
+    it) before the up-projection's backward allocates w_gate_up's: the step never holds both.
+    A is not differentiable here: the down node recomputes it from pre, and its gradient arrives
+    as pre's."""
 
     @staticmethod
     def forward(ctx, x, w_gate_up, routing, schedule, config):
