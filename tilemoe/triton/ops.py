@@ -126,8 +126,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, routing: Routing, schedule: S
     """
     if a.element_size() == 4 and config.block_k > FP32_MAX_BLOCK_K:
         # The rule and the tuned tables are sized for 16-bit operands. fp32 doubles every pipeline
-        # stage, and a 128-deep K slice of a tall tile (32 x 128 x 128 with SwiGLU's two weight
-        # tiles) no longer fits in an H200's shared memory.
+        # stage, and a 128-deep K slice of a tall tile (32 x 128 x 128, SwiGLU's weight tile twice
+        # that wide) no longer fits in an H200's shared memory.
         config = dataclasses.replace(config, block_k=FP32_MAX_BLOCK_K)
     k = a.shape[1]
     tiles_n = triton.cdiv(n, config.block_n)
