@@ -95,10 +95,13 @@ def test_half_height_tiles_take_the_small_expert_tails(tma):
     real = ops_mod.grouped_gemm_kernel
     half = []
 
-    class Spy:  # records the HALF_TAILS flag of each launch, then launches the real kernel
+    loads_by_tma = []
+
+    class Spy:  # records the HALF_TAILS and W_TMA flags of each launch, then launches the real kernel
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 half.append(kwargs["HALF_TAILS"])
+                loads_by_tma.append(kwargs["W_TMA"])
                 return real[grid](*args, **kwargs)
             return launch
 
@@ -109,6 +112,7 @@ def test_half_height_tiles_take_the_small_expert_tails(tma):
         check(x, w, 1, routing, tile_configs=(off, off))
         check(x, w, 1, routing, tile_configs=(persistent, persistent))
     assert half == [True, True, False, False, False, False]
+    assert loads_by_tma == [tma and tma_possible()] * 6, "the spy must not change which loads the kernels take"
     # The half branch stores the pre-activation too: every kept row's [gate | up], rows past the
     # experts' ends untouched (poisoned memory would show a missing row as NaN).
     end = int(routing.offsets[-1])

@@ -39,11 +39,13 @@ GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Triton's interpreter multiplies bf16 as raw bit patterns in tl.dot (triton-lang/triton#11584).
 INTERPRETER_DTYPES = (torch.float16, torch.float32)
 FP32_MAX_BLOCK_K = 64  # the deepest K slice an fp32 grouped GEMM takes (see grouped_gemm)
+# Read once, at import: a test that wraps a kernel to watch its launches must not change the answer.
+_INTERPRETED = type(grouped_gemm_kernel).__name__ == "InterpretedFunction"
 
 
 def interpreted() -> bool:
     """True when the kernels were built by TRITON_INTERPRET=1: they run on the CPU, in numpy."""
-    return type(grouped_gemm_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
