@@ -63,7 +63,7 @@ import torch
 from tabulate import tabulate
 
 import tilemoe
-from tilemoe import backends, bench
+from tilemoe import backends, bench, clocks
 from tilemoe.graphs import GraphedMoE
 
 LAYER_VARIANTS = ("torch", "grouped_mm", "triton", "cuda", "sonicmoe")
@@ -185,12 +185,13 @@ def measure(case: Case, name: str, device: torch.device, tolerance: float, quick
             counts = routing.counts.tolist()
             row["rows computed"] = tilemoe.routing.tile_rows(counts, ROUNDING_TILE)
     with torch.no_grad():
-        ms = bench.time_ms(fn, device=device)
+        with clocks.Sampler(device) as sampled:
+            ms = bench.time_ms(fn, device=device)
         # A graph allocated its memory once, at capture, in a pool of its own: a replay allocates nothing.
         peak = bench.peak_bytes(fn, device) if name not in GRAPHED_VARIANTS else None
     row.update(ms=ms, tflops=bench.tflops(case.cfg.flops(case.tokens), ms), rel_error=err,
                check=None if err is None else ("PASS" if err <= tolerance else "FAIL"),
-               peak_gb=None if peak is None else peak / 1e9)
+               peak_gb=None if peak is None else peak / 1e9, **sampled.summary())
     return row
 
 
@@ -212,8 +213,10 @@ def best_sonic_ms(same: dict) -> float | None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["tokens", "variant", "ms", "tflops", "vs grouped_mm", "vs sonicmoe", "% of floor", "peak_gb", "rel_error", "check"]
-    heads = ["tokens", "variant", "ms", "TFLOP/s", f"vs {BASELINE}", "vs sonicmoe", "% of floor", "peak GB", "rel. error", "check"]
+    cols = ["tokens", "variant", "ms", "tflops", "vs grouped_mm", "vs sonicmoe", "% of floor", "peak_gb", "rel_error", "check",
+            "sm_clock_mhz", "power_capped"]
+    heads = ["tokens", "variant", "ms", "TFLOP/s", f"vs {BASELINE}", "vs sonicmoe", "% of floor", "peak GB", "rel. error", "check",
+             "SM MHz", "power-capped"]
     for preset in dict.fromkeys(r["preset"] for r in rows):
         cfg = tilemoe.get_preset(preset)
         print(f"\n{preset}: H={cfg.hidden}, I={cfg.ffn}, E={cfg.experts}, K={cfg.top_k}")
@@ -274,8 +277,24 @@ def table_markdown(files: list) -> str:
                 pct = f"{same['triton']['% of floor']:.0f}%" if "triton" in same and floor else "-"
                 lines.append(f"| {tokens} | " + " | ".join(cells) + f" | {floor:.3f} | {pct} |" if floor else
                              f"| {tokens} | " + " | ".join(cells) + " | - | - |")
-            parts.append("\n".join(lines))
+            parts.append("\n".join(lines + clock_lines([r for r in rows if r["preset"] == preset])))
     return bench.generated_block("benchmarks/bench_moe_variants.py", files, "\n\n".join(parts))
+
+
+def clock_lines(rows: list[dict]) -> list[str]:
+    """Under a preset's table, for runs that sampled the clock (``tilemoe.clocks``): per token count,
+    each variant's median SM clock while it was timed and the share of samples the power cap held it."""
+    sampled = [r for r in rows if r.get("sm_clock_mhz") is not None]
+    if not sampled:
+        return []
+    gpu = sampled[0]
+    lines = ["", f"SM clock while timed, MHz (at most {gpu['max_sm_clock_mhz']}), and in parentheses the share of "
+                 f"samples in which the {gpu['power_limit_w']} W power cap held it down:"]
+    for tokens in dict.fromkeys(r["tokens"] for r in sampled):
+        cells = [f"{r['variant']} {r['sm_clock_mhz']:.0f} ({100 * r['power_capped']:.0f}%)"
+                 for r in sampled if r["tokens"] == tokens]
+        lines.append(f"- {tokens} tokens: " + ", ".join(cells))
+    return lines
 
 
 def main(argv=None) -> int:

@@ -118,6 +118,16 @@ def test_table_from_a_record(tmp_path):
     assert "| tokens | grouped_mm | triton | sonicmoe | sonicmoe module | triton vs sonicmoe | floor ms |" in out
     assert "| 8 | 2.000 (1.00x) | 1.000 (2.00x) | 1.500 (1.33x) | 1.250 (1.60x) | 1.25x | 0.500 | 50% |" in out
     assert "'vs sonicmoe': the faster SonicMoE row's ms over the layer's" in out
+    assert "SM clock while timed" not in out  # a run recorded before tilemoe.clocks sampled anything
+    # A run that sampled the clock: one line per token count under the preset's table.
+    for row, (mhz, capped) in zip(record["rows"], [(1965, 0.0), (1575, 1.0), (1600, 0.5), (1700, 0.25), (1500, 1.0)]):
+        row.update(sm_clock_mhz=mhz, power_capped=capped, power_limit_w=700, max_sm_clock_mhz=1980)
+    path.write_text(json.dumps(record))
+    out = run("bench_moe_variants.py", "--table", str(path)).stdout
+    assert ("SM clock while timed, MHz (at most 1980), and in parentheses the share of samples in which the 700 W "
+            "power cap held it down:") in out
+    assert ("- 8 tokens: grouped_mm 1965 (0%), triton 1575 (100%), sonicmoe 1600 (50%), sonicmoe module 1700 (25%), "
+            "dense floor 1500 (100%)") in out
 
 
 @pytest.mark.parametrize("script", ["bench_moe_variants.py", "moe_journey.py", "throughput.py", "bench_grouped_gemm.py",

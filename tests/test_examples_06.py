@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,20 @@ def test_readme_tables_are_generated_from_the_recorded_runs():
 def test_table_of_a_missing_file_is_a_usage_error(tmp_path):
     result = run("benchmark.py", "--table", str(tmp_path / "nothing.json"))
     assert result.returncode == 2 and "--table: FileNotFoundError" in result.stderr
+
+
+def test_table_shows_the_clock_each_backend_was_timed_at(tmp_path):
+    # A run that sampled the SM clock (tilemoe.clocks) gets a line per backend under its table.
+    record = json.loads((ROOT / "benchmarks/results/nvidia-h200/full_moe-2026-11-24-11.json").read_text())
+    assert "step_sm_clock_mhz" not in record["rows"][0]
+    for row, mhz in zip(record["rows"], (1900, 1500, 1600, 1650)):
+        row.update(forward_sm_clock_mhz=mhz, forward_power_capped=0.5, forward_power_limit_w=700,
+                   forward_max_sm_clock_mhz=1980, step_sm_clock_mhz=mhz - 100, step_power_capped=1.0,
+                   step_power_limit_w=700, step_max_sm_clock_mhz=1980)
+    path = tmp_path / "full_moe-x.json"
+    path.write_text(json.dumps(record))
+    result = run("benchmark.py", "--table", str(path))
+    assert result.returncode == 0, result.stderr
+    assert ("SM clock while timed, MHz (at most 1980), forward / training step, and in parentheses the share of "
+            "samples in which the 700 W power cap held it down:") in result.stdout
+    assert f"- {record['rows'][1]['backend']}: 1500 (50%) / 1400 (100%)" in result.stdout

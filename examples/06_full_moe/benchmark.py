@@ -41,7 +41,7 @@ import torch
 from tabulate import tabulate
 
 import tilemoe
-from tilemoe import backends, bench
+from tilemoe import backends, bench, clocks
 from tilemoe.backends import sonic
 from tilemoe.layer import train_step
 
@@ -61,18 +61,29 @@ def measure(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, ref: torch.Tensor
     layer.eval()
     with torch.no_grad():
         err = tilemoe.rel_error(layer(x), ref)
-        forward_ms = bench.time_ms(lambda: layer(x), device=device)
+        forward = time_forward(lambda: layer(x), device)
     layer.train()
     step = functools.partial(train_step, layer, x)
-    return {"rel_error": err, "forward_ms": forward_ms, **time_step(step, [*layer.parameters(), x], device)}
+    return {"rel_error": err, **forward, **time_step(step, [*layer.parameters(), x], device)}
+
+
+def time_forward(fn, device) -> dict:
+    """The forward's time, with the SM clock it ran at (``tilemoe.clocks``: forward_sm_clock_mhz,
+    forward_power_capped, where sampled)."""
+    with clocks.Sampler(device) as sampled:
+        ms = bench.time_ms(fn, device=device)
+    return {"forward_ms": ms, **{f"forward_{k}": v for k, v in sampled.summary().items()}}
 
 
 def time_step(step, leaves: list, device) -> dict:
-    """A training step's time and peak memory, with every leaf's gradient held before it runs, as an
-    optimizer holds them."""
+    """A training step's time, clock (step_sm_clock_mhz, ...) and peak memory, with every leaf's
+    gradient held before it runs, as an optimizer holds them."""
     for p in leaves:
         p.grad = torch.zeros_like(p)
-    return {"fwd_bwd_ms": bench.time_ms(step, device=device), "train_peak_bytes": bench.peak_bytes(step, device)}
+    with clocks.Sampler(device) as sampled:
+        ms = bench.time_ms(step, device=device)
+    return {"fwd_bwd_ms": ms, **{f"step_{k}": v for k, v in sampled.summary().items()},
+            "train_peak_bytes": bench.peak_bytes(step, device)}
 
 
 def module_unavailable(layer: tilemoe.OptimizedMoELayer) -> str | None:
@@ -91,9 +102,9 @@ def measure_module(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, device) ->
         weights = {n: getattr(layer, n).float() for n in ("router_weight", "w_gate_up", "w_down")}
         ref = tilemoe.reference_moe(x.float(), **weights, top_k=layer.top_k, routing=routing)
         err = tilemoe.rel_error(sonic.module_forward(module, x)[0], ref)
-        forward_ms = bench.time_ms(lambda: sonic.module_forward(module, x), device=device)
+        forward = time_forward(lambda: sonic.module_forward(module, x), device)
     step = functools.partial(sonic.module_train_step, module, x, layer.load_balance_weight)
-    return {"rel_error": err, "forward_ms": forward_ms, **time_step(step, [*module.parameters(), x], device)}
+    return {"rel_error": err, **forward, **time_step(step, [*module.parameters(), x], device)}
 
 
 def with_tflops(row: dict, flops: float) -> dict:
@@ -156,8 +167,22 @@ def table_markdown(files: list) -> str:
                      f"[{path.name}]({link})")
         lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
         lines += ["| " + " | ".join(cells) + " |" for cells in table_cells(rows)]
-        parts.append("\n".join(lines))
+        clock = clock_lines(rows)
+        parts.append("\n".join(lines + ([""] + clock if clock else [])))
     return bench.generated_block("examples/06_full_moe/benchmark.py", files, "\n\n".join(parts))
+
+
+def clock_lines(rows: list[dict]) -> list[str]:
+    """For runs that sampled the clock (``tilemoe.clocks``): each backend's median SM clock while its
+    forward and its training step were timed, and the share of samples the power cap held it down."""
+    sampled = [r for r in rows if r.get("step_sm_clock_mhz") is not None]
+    if not sampled:
+        return []
+    gpu = sampled[0]
+    return [f"SM clock while timed, MHz (at most {gpu['step_max_sm_clock_mhz']}), forward / training step, and in "
+            f"parentheses the share of samples in which the {gpu['step_power_limit_w']} W power cap held it down:"] + [
+        f"- {r['backend']}: {r['forward_sm_clock_mhz']:.0f} ({100 * r['forward_power_capped']:.0f}%) / "
+        f"{r['step_sm_clock_mhz']:.0f} ({100 * r['step_power_capped']:.0f}%)" for r in sampled]
 
 
 # %%
@@ -211,6 +236,8 @@ def main(argv=None) -> int:
     add_ratios(rows)
     print(f"{cfg.name}, T={args.tokens}, {dtype}, {bench.device_name(device)}; speedups over {BASELINE} in this run")
     print(tabulate(table_cells(rows), HEADERS))
+    if clock := clock_lines(rows):
+        print("\n".join(clock))
     failed = [r["backend"] for r in rows if not r["rel_error"] <= tilemoe.TOLERANCE[dtype]]
     if failed:
         print(f"FAIL: outside the {dtype} tolerance {tilemoe.TOLERANCE[dtype]:g}: {failed}")
