@@ -46,8 +46,10 @@ the two SonicMoE rows in the same run: the chapter's kernels against SonicMoE at
 
 Every layer variant's time is the whole forward through ``tilemoe.moe_forward``: router logits,
 top-k, routing metadata, experts, combine. FLOPs: 6*T*K*H*I. Peak memory: what one forward
-allocates beyond the inputs and weights. Prints one table per preset; ``--record`` writes the rows
-to benchmarks/results/<gpu>/moe_variants-<date>.json, ``--plot`` a PNG of TFLOP/s against tokens.
+allocates beyond the inputs and weights. On a GPU, the median SM clock while each variant was
+timed, and the share of samples in which the power cap held it down (``tilemoe.clocks``: a time
+says nothing about the clock it was taken at). Prints one table per preset; ``--record`` writes the
+rows to benchmarks/results/<gpu>/moe_variants-<date>.json, ``--plot`` a PNG of TFLOP/s against tokens.
 """
 
 from __future__ import annotations

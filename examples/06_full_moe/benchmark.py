@@ -20,7 +20,8 @@ step adds beyond x, the weights and their gradients (GPU only), also as a ratio 
 When SonicMoE runs, a last row times SonicMoE as it ships, its own ``MoE`` module holding the
 layer's weights (it routes by itself: softmax over the top-k of bf16 logits, checked against the
 reference replaying its choice; skipped for a layer with shared experts, which the module does not
-have), and every row's times are also divided into the faster SonicMoE row's.
+have), and every row's times are also divided into the faster SonicMoE row's. On a GPU, under
+the table: the SM clock each backend's forward and step were timed at (``tilemoe.clocks``).
 ``--record`` writes the rows to benchmarks/results/<gpu>/full_moe-*.json (with SonicMoE's versions
 when it ran); ``--table FILE ...`` prints the README's "Measured results" from such files::
 
