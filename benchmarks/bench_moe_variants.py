@@ -289,11 +289,9 @@ def clock_lines(rows: list[dict]) -> list[str]:
     sampled = [r for r in rows if r.get("sm_clock_mhz") is not None]
     if not sampled:
         return []
-    gpu = sampled[0]
-    lines = ["", f"SM clock while timed, MHz (at most {gpu['max_sm_clock_mhz']}), and in parentheses the share of "
-                 f"samples in which the {gpu['power_limit_w']} W power cap held it down:"]
+    lines = ["", clocks.caption(sampled[0]["max_sm_clock_mhz"], sampled[0]["power_limit_w"])]
     for tokens in dict.fromkeys(r["tokens"] for r in sampled):
-        cells = [f"{r['variant']} {r['sm_clock_mhz']:.0f} ({100 * r['power_capped']:.0f}%)"
+        cells = [f"{r['variant']} {clocks.cell(r['sm_clock_mhz'], r['power_capped'])}"
                  for r in sampled if r["tokens"] == tokens]
         lines.append(f"- {tokens} tokens: " + ", ".join(cells))
     return lines

@@ -104,3 +104,14 @@ class Sampler:
         return {"sm_clock_mhz": statistics.median(c for c, _ in self._samples),
                 "power_capped": sum(1 for _, r in self._samples if r & POWER_CAP) / len(self._samples),
                 **self._gpu}
+
+
+def caption(max_sm_clock_mhz: int, power_limit_w: int, what: str = "") -> str:
+    """The line above recorded clock cells (``cell``): what they mean, on which GPU."""
+    return (f"SM clock while timed, MHz (at most {max_sm_clock_mhz}){what}, and in parentheses the share of "
+            f"samples in which the {power_limit_w} W power cap held it down:")
+
+
+def cell(sm_clock_mhz: float, power_capped: float) -> str:
+    """One summary as a table shows it: '1560 (93%)'."""
+    return f"{sm_clock_mhz:.0f} ({100 * power_capped:.0f}%)"

@@ -179,11 +179,10 @@ def clock_lines(rows: list[dict]) -> list[str]:
     sampled = [r for r in rows if r.get("step_sm_clock_mhz") is not None]
     if not sampled:
         return []
-    gpu = sampled[0]
-    return [f"SM clock while timed, MHz (at most {gpu['step_max_sm_clock_mhz']}), forward / training step, and in "
-            f"parentheses the share of samples in which the {gpu['step_power_limit_w']} W power cap held it down:"] + [
-        f"- {r['backend']}: {r['forward_sm_clock_mhz']:.0f} ({100 * r['forward_power_capped']:.0f}%) / "
-        f"{r['step_sm_clock_mhz']:.0f} ({100 * r['step_power_capped']:.0f}%)" for r in sampled]
+    first = sampled[0]
+    return [clocks.caption(first["step_max_sm_clock_mhz"], first["step_power_limit_w"], ", forward / training step")] + [
+        f"- {r['backend']}: {clocks.cell(r['forward_sm_clock_mhz'], r['forward_power_capped'])} / "
+        f"{clocks.cell(r['step_sm_clock_mhz'], r['step_power_capped'])}" for r in sampled]
 
 
 # %%
