@@ -48,8 +48,11 @@ Every layer variant's time is the whole forward through ``tilemoe.moe_forward``:
 top-k, routing metadata, experts, combine. FLOPs: 6*T*K*H*I. Peak memory: what one forward
 allocates beyond the inputs and weights. On a GPU, the median SM clock while each variant was
 timed, and the share of samples in which the power cap held it down (``tilemoe.clocks``: a time
-says nothing about the clock it was taken at). Prints one table per preset; ``--record`` writes the
-rows to benchmarks/results/<gpu>/moe_variants-<date>.json, ``--plot`` a PNG of TFLOP/s against tokens.
+says nothing about the clock it was taken at). With ``--energy``, each variant's joules per forward
+too, and the board's mean power, from 1.5 s of back-to-back forwards (``clocks.energy_per_call``): a
+power-capped GPU runs a forward no faster than its energy over the power limit. Prints one table
+per preset; ``--record`` writes the rows to benchmarks/results/<gpu>/moe_variants-<date>.json,
+``--plot`` a PNG of TFLOP/s against tokens.
 """
 
 from __future__ import annotations
@@ -154,8 +157,10 @@ def why_not(name: str, device: torch.device, dtype: torch.dtype, cfg: tilemoe.Mo
     return backends.unavailable_reason(backend, device, dtype, cfg.hidden, cfg.ffn)
 
 
-def measure(case: Case, name: str, device: torch.device, tolerance: float, quick: bool, gbps: float) -> dict:
-    """Check one variant against the reference, then time it. Returns its row."""
+def measure(case: Case, name: str, device: torch.device, tolerance: float, quick: bool, gbps: float,
+            energy: bool = False) -> dict:
+    """Check one variant against the reference, then time it (and with ``energy``, measure its joules
+    per forward). Returns its row."""
     row = {"preset": case.cfg.name, "tokens": case.tokens, "variant": name}
     if name == "weights read":
         ms = weights_read_ms(case, gbps)
@@ -191,6 +196,8 @@ def measure(case: Case, name: str, device: torch.device, tolerance: float, quick
             ms = bench.time_ms(fn, device=device)
         # A graph allocated its memory once, at capture, in a pool of its own: a replay allocates nothing.
         peak = bench.peak_bytes(fn, device) if name not in GRAPHED_VARIANTS else None
+        if energy:
+            row.update(clocks.energy_per_call(fn, device))
     row.update(ms=ms, tflops=bench.tflops(case.cfg.flops(case.tokens), ms), rel_error=err,
                check=None if err is None else ("PASS" if err <= tolerance else "FAIL"),
                peak_gb=None if peak is None else peak / 1e9, **sampled.summary())
@@ -216,9 +223,9 @@ def best_sonic_ms(same: dict) -> float | None:
 
 def print_table(rows: list[dict]) -> None:
     cols = ["tokens", "variant", "ms", "tflops", "vs grouped_mm", "vs sonicmoe", "% of floor", "peak_gb", "rel_error", "check",
-            "sm_clock_mhz", "power_capped"]
+            "sm_clock_mhz", "power_capped", "energy_j", "power_w"]
     heads = ["tokens", "variant", "ms", "TFLOP/s", f"vs {BASELINE}", "vs sonicmoe", "% of floor", "peak GB", "rel. error", "check",
-             "SM MHz", "power-capped"]
+             "SM MHz", "power-capped", "J", "W"]
     for preset in dict.fromkeys(r["preset"] for r in rows):
         cfg = tilemoe.get_preset(preset)
         print(f"\n{preset}: H={cfg.hidden}, I={cfg.ffn}, E={cfg.experts}, K={cfg.top_k}")
@@ -279,7 +286,8 @@ def table_markdown(files: list) -> str:
                 pct = f"{same['triton']['% of floor']:.0f}%" if "triton" in same and floor else "-"
                 lines.append(f"| {tokens} | " + " | ".join(cells) + f" | {floor:.3f} | {pct} |" if floor else
                              f"| {tokens} | " + " | ".join(cells) + " | - | - |")
-            parts.append("\n".join(lines + clock_lines([r for r in rows if r["preset"] == preset])))
+            same_preset = [r for r in rows if r["preset"] == preset]
+            parts.append("\n".join(lines + clock_lines(same_preset) + energy_lines(same_preset)))
     return bench.generated_block("benchmarks/bench_moe_variants.py", files, "\n\n".join(parts))
 
 
@@ -289,11 +297,25 @@ def clock_lines(rows: list[dict]) -> list[str]:
     sampled = [r for r in rows if r.get("sm_clock_mhz") is not None]
     if not sampled:
         return []
-    lines = ["", clocks.caption(sampled[0]["max_sm_clock_mhz"], sampled[0]["power_limit_w"])]
-    for tokens in dict.fromkeys(r["tokens"] for r in sampled):
-        cells = [f"{r['variant']} {clocks.cell(r['sm_clock_mhz'], r['power_capped'])}"
-                 for r in sampled if r["tokens"] == tokens]
-        lines.append(f"- {tokens} tokens: " + ", ".join(cells))
+    return lines_by_tokens(sampled, clocks.caption(sampled[0]["max_sm_clock_mhz"], sampled[0]["power_limit_w"]),
+                           lambda r: clocks.cell(r["sm_clock_mhz"], r["power_capped"]))
+
+
+def energy_lines(rows: list[dict]) -> list[str]:
+    """Under a preset's table, for runs with ``--energy``: per token count, each variant's joules per
+    forward, the board's mean power, and the least time the power limit allows at that energy."""
+    measured = [r for r in rows if r.get("energy_j") is not None]
+    if not measured:
+        return []
+    return lines_by_tokens(measured, clocks.energy_caption(measured[0]["power_limit_w"], "per forward"),
+                           lambda r: clocks.energy_cell(r["energy_j"], r["power_w"], r["power_limit_w"]))
+
+
+def lines_by_tokens(rows: list[dict], caption: str, cell: Callable[[dict], str]) -> list[str]:
+    """A blank line, the caption, then one line per token count: each row's variant and its cell."""
+    lines = ["", caption]
+    for tokens in dict.fromkeys(r["tokens"] for r in rows):
+        lines.append(f"- {tokens} tokens: " + ", ".join(f"{r['variant']} {cell(r)}" for r in rows if r["tokens"] == tokens))
     return lines
 
 
@@ -308,6 +330,9 @@ def main(argv=None) -> int:
                         help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-check", action="store_true", help="skip the reference checks (timing only)")
+    parser.add_argument("--energy", action="store_true",
+                        help="also measure each variant's joules per forward and the board's mean power "
+                             f"({clocks.ENERGY_SECONDS:g} s of back-to-back forwards each; a GPU with NVML)")
     bench.add_output_options(parser, plot="TFLOP/s against tokens")
     args = parser.parse_args(argv)
     if args.table:
@@ -345,7 +370,7 @@ def main(argv=None) -> int:
                     skipped[f"{name} at {preset} T={t}"] = (f"{t * cfg.top_k / cfg.experts:.3g} rows per expert, fewer than "
                                                             f"the {ROUNDING_TILE}-row tile: rounding would drop or pad most of them")
                     continue
-                row = measure(case, name, device, tolerance, args.no_check, gbps)
+                row = measure(case, name, device, tolerance, args.no_check, gbps, args.energy)
                 failed |= row["check"] == "FAIL"
                 rows.append(row)
                 print(f"  {preset} T={t} {name}: {row['ms']:.3f} ms {row['check'] or ''}", flush=True)

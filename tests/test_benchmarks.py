@@ -35,8 +35,9 @@ def test_help(script):
 
 def test_variants_on_the_cpu_check_and_time_every_runnable_variant(tmp_path):
     # Under the interpreter (tests/conftest.py) the triton variants run too, slowly: 2 tokens.
+    # --energy asks for joules, which a CPU has no counter of: the columns stay empty.
     out = run("bench_moe_variants.py", "--tokens", "2", "--variants", "torch", "grouped_mm", "triton",
-              "grouped_mm graphed", "dense floor", "weights read", "--plot", str(tmp_path / "v.png")).stdout
+              "grouped_mm graphed", "dense floor", "weights read", "--energy", "--plot", str(tmp_path / "v.png")).stdout
     for variant in ("torch", "grouped_mm", "triton", "dense floor", "weights read"):
         assert re.search(rf"^\s+2\s+{re.escape(variant)}\s+\d", out, re.M), variant
     assert out.count("PASS") >= 3 and "FAIL" not in out
@@ -128,6 +129,17 @@ def test_table_from_a_record(tmp_path):
             "power cap held it down:") in out
     assert ("- 8 tokens: grouped_mm 1965 (0%), triton 1575 (100%), sonicmoe 1600 (50%), sonicmoe module 1700 (25%), "
             "dense floor 1500 (100%)") in out
+    assert "Energy per forward" not in out  # a run without --energy
+    # A run with --energy: joules per forward, mean power, and the energy over the power limit.
+    for row, (joules, watts) in zip(record["rows"], [(1.2, 600.0), (0.7, 700.0), (1.05, 690.0), (0.875, 700.0), (0.35, 700.0)]):
+        row.update(energy_j=joules, power_w=watts, loop_ms=joules / watts * 1e3)
+    path.write_text(json.dumps(record))
+    out = run("bench_moe_variants.py", "--table", str(path)).stdout
+    assert ("Energy per forward, run back to back for 1.5 s (NVML's energy counter), the board's mean power, and in "
+            "parentheses the energy over the 700 W limit: the least time the power cap allows at that energy:") in out
+    assert ("- 8 tokens: grouped_mm 1.2 J at 600 W (1.714 ms), triton 0.7 J at 700 W (1.000 ms), sonicmoe 1.05 J at "
+            "690 W (1.500 ms), sonicmoe module 0.875 J at 700 W (1.250 ms), dense floor 0.35 J at 700 W (0.500 ms)") in out
+    assert out.index("SM clock while timed") < out.index("Energy per forward")
 
 
 @pytest.mark.parametrize("script", ["bench_moe_variants.py", "moe_journey.py", "throughput.py", "bench_grouped_gemm.py",

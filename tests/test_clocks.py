@@ -54,3 +54,49 @@ def test_nvml_samples_the_gpu_while_it_computes():
     assert summary, "NVML was not found: libnvidia-ml.so.1 ships with the driver"
     assert 100 < summary["sm_clock_mhz"] <= summary["max_sm_clock_mhz"]
     assert 0 <= summary["power_capped"] <= 1 and summary["power_limit_w"] > 0
+
+
+def test_mean_power_between_the_counters_steps_inside_the_run():
+    # (s, mJ): a step every 100 ms at 500 W; the first step after the start holds energy drawn before it.
+    steps = [(0.05 + 0.1 * i, 1_000_000 + 50_000 * i) for i in range(12)]
+    assert clocks.mean_power_w(steps, start=0.0, end=1.2) == pytest.approx(500.0)
+    # Only steps from start + settle_s up to end count: a jump before the settle time is left out.
+    jumped = [(0.05, 0)] + steps[1:]
+    assert clocks.mean_power_w(jumped, start=0.0, end=1.2, settle_s=0.1) == pytest.approx(500.0)
+    assert clocks.mean_power_w(jumped, start=0.0, end=1.2, settle_s=0.0) != pytest.approx(500.0)
+    assert clocks.mean_power_w(steps, start=0.0, end=0.2) is None  # fewer than two steps inside
+
+
+def test_energy_per_call_from_a_planted_counter():
+    # A counter that moves every 20 ms as a 300 W board's would; each call takes 5 ms.
+    t0 = time.perf_counter()
+
+    def read_energy():
+        elapsed = time.perf_counter() - t0
+        return int(300 * 1e3 * (elapsed // 0.02) * 0.02)
+
+    got = clocks.energy_per_call(lambda: time.sleep(0.005), "cpu", seconds=0.6, read_energy=read_energy)
+    assert got["power_w"] == pytest.approx(300, rel=0.1)
+    assert got["loop_ms"] == pytest.approx(5, rel=0.5)
+    assert got["energy_j"] == pytest.approx(got["power_w"] * got["loop_ms"] / 1e3)
+    # A counter that never moves gives nothing rather than a power of zero.
+    assert clocks.energy_per_call(lambda: None, "cpu", seconds=0.3, read_energy=lambda: 7) == {}
+
+
+def test_no_energy_on_a_cpu():
+    assert clocks.energy_per_call(lambda: None, "cpu", seconds=0.01) == {}
+
+
+def test_energy_cells_give_the_least_time_the_cap_allows():
+    assert clocks.energy_cell(2.061, 699.3, 700) == "2.06 J at 699 W (2.944 ms)"
+    assert clocks.energy_caption(700, "per forward").startswith("Energy per forward, run back to back for 1.5 s")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_nvml_energy_of_a_gemm():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    got = clocks.energy_per_call(lambda: a @ a, "cuda", seconds=1.0)
+    assert got, "NVML's energy counter was not found or did not move"
+    assert 50 < got["power_w"] < 1500  # a board under load, below any GPU's limit
+    assert got["loop_ms"] > 0 and got["energy_j"] == pytest.approx(got["power_w"] * got["loop_ms"] / 1e3)

@@ -35,7 +35,7 @@ def test_full_moe_trains_then_serves_within_the_tolerance():
 def test_benchmark_runs_every_cpu_backend_beside_grouped_mm():
     # The Triton backend under the interpreter takes tens of seconds here; its forward and backward
     # are checked in tests/test_triton_backward.py and tests/test_layer.py.
-    result = run("benchmark.py", "--tokens", "16", "--backends", "torch", "grouped_mm")
+    result = run("benchmark.py", "--tokens", "16", "--backends", "torch", "grouped_mm", "--energy")  # no joules on a CPU
     assert result.returncode == 0, result.stdout + result.stderr
     table = result.stdout.split("\n-", 1)[1].splitlines()[1:]  # the rows below tabulate's rule
     rows = {line.split()[0]: line.split() for line in table if line.strip()}
@@ -86,3 +86,13 @@ def test_table_shows_the_clock_each_backend_was_timed_at(tmp_path):
     assert ("SM clock while timed, MHz (at most 1980), forward / training step, and in parentheses the share of "
             "samples in which the 700 W power cap held it down:") in result.stdout
     assert f"- {record['rows'][1]['backend']}: 1500 (50%) / 1400 (100%)" in result.stdout
+    assert "Energy per forward" not in result.stdout  # a run without --energy
+    # With --energy: the joules of a forward and of a step, after the clocks, one line per backend.
+    for row, joules in zip(record["rows"], (7.0, 3.5, 3.5, 3.5)):
+        row.update(forward_energy_j=joules / 3, forward_power_w=600.0, step_energy_j=joules, step_power_w=700.0)
+    path.write_text(json.dumps(record))
+    out = run("benchmark.py", "--table", str(path)).stdout
+    assert ("Energy per forward / per training step, run back to back for 1.5 s (NVML's energy counter), the board's "
+            "mean power, and in parentheses the energy over the 700 W limit") in out
+    assert (f"- {record['rows'][0]['backend']}: 2.33 J at 600 W (3.333 ms) / 7 J at 700 W (10.000 ms)") in out
+    assert out.index("SM clock while timed") < out.index("Energy per forward")

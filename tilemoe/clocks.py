@@ -10,8 +10,15 @@ which the power cap held it (``Sampler``).
 The samples come from NVML, the driver's own library (libnvidia-ml.so.1, loaded with ctypes: no
 Python package needed), read on a background thread every few milliseconds while the timed code
 runs. Where NVML or a CUDA GPU is missing, there are no samples and ``Sampler.summary`` is empty.
-NVML's power reading is left out: on Ampere and newer GPUs it is averaged over a second, longer
-than one timed variant.
+NVML's power reading is left out of the samples: on Ampere and newer GPUs it is averaged over a
+second, longer than one timed variant.
+
+Energy has a measurement of its own (``energy_per_call``): NVML's counter of the joules the board
+has drawn moves only every 100 ms or so on an H200, too coarsely for one do_bench window. So the
+code runs back to back for a second and a half, and the counter's steps inside that stretch give
+the board's mean power; times the time per call, the energy of one call. Under the power cap the
+board draws its limit, so a call cannot take less than its energy divided by the limit: where two
+ways of computing the same thing both run into the cap, the one that needs fewer joules is faster.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import statistics
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -26,11 +34,13 @@ import torch
 SM_CLOCK = 1  # nvmlClockType_t NVML_CLOCK_SM
 POWER_CAP = 0x4  # nvmlClocksEventReasonSwPowerCap: the clock is lowered to keep the board under its power limit
 INTERVAL_S = 0.005
+ENERGY_SECONDS = 1.5  # how long energy_per_call runs the code back to back
+SETTLE_S = 0.15  # the counter's first step inside a run may hold energy drawn before it: skip it
 
 
-def _nvml_reader(device: torch.device) -> tuple[Callable[[], tuple[int, int]], int, int] | None:
-    """(read, power limit in W, highest SM clock in MHz) for ``device``: read() returns (SM clock
-    in MHz, clock event reasons bitmask). None where NVML cannot be loaded or the device not found."""
+def _nvml(device: torch.device) -> tuple[ctypes.CDLL, ctypes.c_void_p] | None:
+    """(the NVML library, the handle of ``device``), or None where NVML cannot be loaded or the
+    device is not found."""
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:
@@ -43,6 +53,15 @@ def _nvml_reader(device: torch.device) -> tuple[Callable[[], tuple[int, int]], i
     uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
     if nvml.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(handle)) != 0:
         return None
+    return nvml, handle
+
+
+def _nvml_reader(device: torch.device) -> tuple[Callable[[], tuple[int, int]], int, int] | None:
+    """(read, power limit in W, highest SM clock in MHz) for ``device``: read() returns (SM clock
+    in MHz, clock event reasons bitmask). None where NVML cannot be loaded or the device not found."""
+    if (found := _nvml(device)) is None:
+        return None
+    nvml, handle = found
     reasons_fn = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or nvml.nvmlDeviceGetCurrentClocksThrottleReasons
     clock, reasons, limit, top = ctypes.c_uint(), ctypes.c_ulonglong(), ctypes.c_uint(), ctypes.c_uint()
     if (nvml.nvmlDeviceGetEnforcedPowerLimit(handle, ctypes.byref(limit)) != 0
@@ -115,3 +134,92 @@ def caption(max_sm_clock_mhz: int, power_limit_w: int, what: str = "") -> str:
 def cell(sm_clock_mhz: float, power_capped: float) -> str:
     """One summary as a table shows it: '1560 (93%)'."""
     return f"{sm_clock_mhz:.0f} ({100 * power_capped:.0f}%)"
+
+
+def _nvml_energy_reader(device: torch.device) -> Callable[[], int] | None:
+    """read() -> the joules the board of ``device`` has drawn since the driver loaded, in mJ; None
+    where NVML cannot be loaded, the device is not found or it does not count energy."""
+    if (found := _nvml(device)) is None:
+        return None
+    nvml, handle = found
+    total = ctypes.c_ulonglong()
+
+    def read() -> int:
+        nvml.nvmlDeviceGetTotalEnergyConsumption(handle, ctypes.byref(total))
+        return total.value
+
+    return read if nvml.nvmlDeviceGetTotalEnergyConsumption(handle, ctypes.byref(total)) == 0 else None
+
+
+def mean_power_w(steps: list[tuple[float, int]], start: float, end: float, settle_s: float = SETTLE_S) -> float | None:
+    """The mean power in W between the energy counter's first step at least ``settle_s`` after
+    ``start`` and its last step by ``end``; steps are (time in s, counter in mJ) where the counter
+    moved. None when fewer than two steps fall there."""
+    inside = [(t, mj) for t, mj in steps if start + settle_s <= t <= end]
+    if len(inside) < 2 or inside[-1][0] == inside[0][0]:
+        return None
+    return (inside[-1][1] - inside[0][1]) / 1e3 / (inside[-1][0] - inside[0][0])
+
+
+def energy_per_call(fn: Callable[[], object], device: torch.device | str, *, seconds: float = ENERGY_SECONDS,
+                    read_energy: Callable[[], int] | None = None, poll_s: float = 0.001) -> dict:
+    """{"energy_j": joules per call of fn, "power_w": the board's mean power, "loop_ms": ms per
+    call}, with fn run back to back for ``seconds`` (no cache flush between calls, unlike
+    ``tilemoe.bench.time_ms``) while a thread polls the energy counter; {} where there is no counter
+    (a CPU, no NVML) or it did not move twice in the run.
+
+    The power is taken between two of the counter's steps inside the run (``mean_power_w``), the
+    time per call from the whole run, which ends when the GPU has finished every call.
+    read_energy: a function returning the counter in mJ to poll instead of NVML's (tests pass one).
+    """
+    device = torch.device(device)
+    if read_energy is None:
+        read_energy = _nvml_energy_reader(device) if device.type == "cuda" else None
+        if read_energy is None:
+            return {}
+
+    def finish() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    finish()
+    steps: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        last = None
+        while not stop.is_set():
+            value = read_energy()
+            if value != last:
+                steps.append((time.perf_counter(), value))
+                last = value
+            stop.wait(poll_s)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    start, calls = time.perf_counter(), 0
+    while calls == 0 or time.perf_counter() - start < seconds:
+        fn()
+        calls += 1
+    finish()
+    end = time.perf_counter()
+    stop.set()
+    thread.join()
+    watts = mean_power_w(steps, start, end)
+    if watts is None:
+        return {}
+    ms = (end - start) / calls * 1e3
+    return {"energy_j": watts * ms / 1e3, "power_w": watts, "loop_ms": ms}
+
+
+def energy_caption(power_limit_w: int, what: str = "per call") -> str:
+    """The line above recorded energy cells (``energy_cell``)."""
+    return (f"Energy {what}, run back to back for {ENERGY_SECONDS:g} s (NVML's energy counter), the board's mean "
+            f"power, and in parentheses the energy over the {power_limit_w} W limit: the least time the power cap "
+            "allows at that energy:")
+
+
+def energy_cell(energy_j: float, power_w: float, power_limit_w: int) -> str:
+    """One energy measurement as a table shows it: '2.06 J at 699 W (2.944 ms)'."""
+    return f"{energy_j:.3g} J at {power_w:.0f} W ({energy_j / power_limit_w * 1e3:.3f} ms)"

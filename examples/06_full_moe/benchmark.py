@@ -21,7 +21,10 @@ When SonicMoE runs, a last row times SonicMoE as it ships, its own ``MoE`` modul
 layer's weights (it routes by itself: softmax over the top-k of bf16 logits, checked against the
 reference replaying its choice; skipped for a layer with shared experts, which the module does not
 have), and every row's times are also divided into the faster SonicMoE row's. On a GPU, under
-the table: the SM clock each backend's forward and step were timed at (``tilemoe.clocks``).
+the table: the SM clock each backend's forward and step were timed at (``tilemoe.clocks``), and with
+``--energy`` the joules of one forward and of one training step, each run back to back for 1.5 s
+(``clocks.energy_per_call``): where the power cap holds the clock, a step takes no less than its
+energy over the board's power limit.
 ``--record`` writes the rows to benchmarks/results/<gpu>/full_moe-*.json (with SonicMoE's versions
 when it ran); ``--table FILE ...`` prints the README's "Measured results" from such files::
 
@@ -57,34 +60,39 @@ SONIC_ROWS = (sonic.NAME, MODULE_ROW)
 # The same layer object runs every backend (only ``layer.backend`` changes), so the weights, the
 # tokens and the routing options are identical; the forward is checked before anything is timed.
 
-def measure(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, ref: torch.Tensor, device) -> dict:
-    """One backend: its error, forward and forward+backward times, a training step's peak memory."""
+def measure(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, ref: torch.Tensor, device, energy: bool = False) -> dict:
+    """One backend: its error, forward and forward+backward times, a training step's peak memory (and
+    with ``energy``, the joules of each)."""
     layer.eval()
     with torch.no_grad():
         err = tilemoe.rel_error(layer(x), ref)
-        forward = time_forward(lambda: layer(x), device)
+        forward = time_forward(lambda: layer(x), device, energy)
     layer.train()
     step = functools.partial(train_step, layer, x)
-    return {"rel_error": err, **forward, **time_step(step, [*layer.parameters(), x], device)}
+    return {"rel_error": err, **forward, **time_step(step, [*layer.parameters(), x], device, energy)}
 
 
-def time_forward(fn, device) -> dict:
-    """The forward's time, with the SM clock it ran at (``tilemoe.clocks``: forward_sm_clock_mhz,
-    forward_power_capped, where sampled)."""
+def timed(fn, device, what: str, energy: bool) -> dict:
+    """fn's time as {what}_ms (fwd_bwd_ms for the step), with the SM clock it ran at
+    (``tilemoe.clocks``: {what}_sm_clock_mhz, {what}_power_capped, ... where sampled) and with
+    ``energy`` its joules ({what}_energy_j, {what}_power_w, {what}_loop_ms, where NVML counts them)."""
     with clocks.Sampler(device) as sampled:
         ms = bench.time_ms(fn, device=device)
-    return {"forward_ms": ms, **{f"forward_{k}": v for k, v in sampled.summary().items()}}
+    measured = {**sampled.summary(), **(clocks.energy_per_call(fn, device) if energy else {})}
+    return {f"{'fwd_bwd' if what == 'step' else what}_ms": ms, **{f"{what}_{k}": v for k, v in measured.items()}}
 
 
-def time_step(step, leaves: list, device) -> dict:
-    """A training step's time, clock (step_sm_clock_mhz, ...) and peak memory, with every leaf's
-    gradient held before it runs, as an optimizer holds them."""
+def time_forward(fn, device, energy: bool = False) -> dict:
+    """The forward's time, clock and (with ``energy``) joules: ``timed``'s forward_* fields."""
+    return timed(fn, device, "forward", energy)
+
+
+def time_step(step, leaves: list, device, energy: bool = False) -> dict:
+    """A training step's time, clock, (with ``energy``) joules and peak memory, with every leaf's
+    gradient held before it runs, as an optimizer holds them: ``timed``'s step_* fields."""
     for p in leaves:
         p.grad = torch.zeros_like(p)
-    with clocks.Sampler(device) as sampled:
-        ms = bench.time_ms(step, device=device)
-    return {"fwd_bwd_ms": ms, **{f"step_{k}": v for k, v in sampled.summary().items()},
-            "train_peak_bytes": bench.peak_bytes(step, device)}
+    return {**timed(step, device, "step", energy), "train_peak_bytes": bench.peak_bytes(step, device)}
 
 
 def module_unavailable(layer: tilemoe.OptimizedMoELayer) -> str | None:
@@ -94,7 +102,7 @@ def module_unavailable(layer: tilemoe.OptimizedMoELayer) -> str | None:
     return None
 
 
-def measure_module(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, device) -> dict:
+def measure_module(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, device, energy: bool = False) -> dict:
     """SonicMoE's own MoE module with the layer's weights: its error against the reference replaying
     its routing, forward and forward+backward times (its aux loss scaled like the layer's), peak."""
     module = sonic.module_with_weights(layer.router_weight, layer.w_gate_up, layer.w_down, layer.top_k)
@@ -103,9 +111,9 @@ def measure_module(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, device) ->
         weights = {n: getattr(layer, n).float() for n in ("router_weight", "w_gate_up", "w_down")}
         ref = tilemoe.reference_moe(x.float(), **weights, top_k=layer.top_k, routing=routing)
         err = tilemoe.rel_error(sonic.module_forward(module, x)[0], ref)
-        forward = time_forward(lambda: sonic.module_forward(module, x), device)
+        forward = time_forward(lambda: sonic.module_forward(module, x), device, energy)
     step = functools.partial(sonic.module_train_step, module, x, layer.load_balance_weight)
-    return {"rel_error": err, **forward, **time_step(step, [*module.parameters(), x], device)}
+    return {"rel_error": err, **forward, **time_step(step, [*module.parameters(), x], device, energy)}
 
 
 def with_tflops(row: dict, flops: float) -> dict:
@@ -168,9 +176,13 @@ def table_markdown(files: list) -> str:
                      f"[{path.name}]({link})")
         lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
         lines += ["| " + " | ".join(cells) + " |" for cells in table_cells(rows)]
-        clock = clock_lines(rows)
-        parts.append("\n".join(lines + ([""] + clock if clock else [])))
+        parts.append("\n\n".join(["\n".join(lines), *under_table(rows)]))
     return bench.generated_block("examples/06_full_moe/benchmark.py", files, "\n\n".join(parts))
+
+
+def under_table(rows: list[dict]) -> list[str]:
+    """What a run measured beside its times, one block each: the clocks, then the energy."""
+    return ["\n".join(block) for block in (clock_lines(rows), energy_lines(rows)) if block]
 
 
 def clock_lines(rows: list[dict]) -> list[str]:
@@ -185,6 +197,21 @@ def clock_lines(rows: list[dict]) -> list[str]:
         f"{clocks.cell(r['step_sm_clock_mhz'], r['step_power_capped'])}" for r in sampled]
 
 
+def energy_lines(rows: list[dict]) -> list[str]:
+    """For runs with ``--energy``: each backend's joules per forward and per training step, the
+    board's mean power, and the least time the power limit allows at that energy."""
+    measured = [r for r in rows if r.get("step_energy_j") is not None]
+    if not measured:
+        return []
+    limit = measured[0]["step_power_limit_w"]
+
+    def cell(r, what):
+        return clocks.energy_cell(r[f"{what}_energy_j"], r[f"{what}_power_w"], limit) if r.get(f"{what}_energy_j") else "-"
+
+    return [clocks.energy_caption(limit, "per forward / per training step")] + [
+        f"- {r['backend']}: {cell(r, 'forward')} / {cell(r, 'step')}" for r in measured]
+
+
 # %%
 # Run it
 # ------
@@ -195,6 +222,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=256, help="tokens (default: 256)")
     parser.add_argument("--backends", nargs="+", default=None, choices=list(backends.BACKENDS),
                         help="backends to run (default: every one that runs here)")
+    parser.add_argument("--energy", action="store_true",
+                        help="also measure each backend's joules per forward and per training step, and the board's "
+                             f"mean power ({clocks.ENERGY_SECONDS:g} s of back-to-back calls each; a GPU with NVML)")
     bench.add_output_options(parser)
     args = parser.parse_args(argv)
     if args.table:
@@ -225,19 +255,19 @@ def main(argv=None) -> int:
         print(f"{name}: checking and timing (a first call compiles its kernels)", flush=True)
         layer.backend = name
         rows.append(with_tflops({"config": cfg.name, "tokens": args.tokens, "backend": name,
-                                 **measure(layer, x, ref, device)}, flops))
+                                 **measure(layer, x, ref, device, args.energy)}, flops))
     if sonic.NAME in names:
         if (why := module_unavailable(layer)) is not None:
             print(f"{MODULE_ROW}: skipped: {why}")
         else:
             print(f"{MODULE_ROW}: checking and timing SonicMoE's own MoE module", flush=True)
             rows.append(with_tflops({"config": cfg.name, "tokens": args.tokens, "backend": MODULE_ROW,
-                                     **measure_module(layer, x, device)}, flops))
+                                     **measure_module(layer, x, device, args.energy)}, flops))
     add_ratios(rows)
     print(f"{cfg.name}, T={args.tokens}, {dtype}, {bench.device_name(device)}; speedups over {BASELINE} in this run")
     print(tabulate(table_cells(rows), HEADERS))
-    if clock := clock_lines(rows):
-        print("\n".join(clock))
+    for block in under_table(rows):
+        print(block)
     failed = [r["backend"] for r in rows if not r["rel_error"] <= tilemoe.TOLERANCE[dtype]]
     if failed:
         print(f"FAIL: outside the {dtype} tolerance {tilemoe.TOLERANCE[dtype]:g}: {failed}")
