@@ -303,12 +303,12 @@ def clock_lines(rows: list[dict]) -> list[str]:
 
 def energy_lines(rows: list[dict]) -> list[str]:
     """Under a preset's table, for runs with ``--energy``: per token count, each variant's joules per
-    forward, the board's mean power, and the least time the power limit allows at that energy."""
+    forward, the board's mean power and its time per call, run back to back (``clocks.energy_per_call``)."""
     measured = [r for r in rows if r.get("energy_j") is not None]
     if not measured:
         return []
     return lines_by_tokens(measured, clocks.energy_caption(measured[0]["power_limit_w"], "per forward"),
-                           lambda r: clocks.energy_cell(r["energy_j"], r["power_w"], r["power_limit_w"]))
+                           lambda r: clocks.energy_cell(r["energy_j"], r["power_w"], r["loop_ms"]))
 
 
 def lines_by_tokens(rows: list[dict], caption: str, cell: Callable[[dict], str]) -> list[str]:

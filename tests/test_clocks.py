@@ -87,9 +87,12 @@ def test_no_energy_on_a_cpu():
     assert clocks.energy_per_call(lambda: None, "cpu", seconds=0.01) == {}
 
 
-def test_energy_cells_give_the_least_time_the_cap_allows():
-    assert clocks.energy_cell(2.061, 699.3, 700) == "2.06 J at 699 W (2.944 ms)"
-    assert clocks.energy_caption(700, "per forward").startswith("Energy per forward, run back to back for 1.5 s")
+def test_energy_cells_and_their_caption():
+    assert clocks.energy_cell(2.1249, 693.2, 3.0652) == "2.12 J at 693 W, 3.065 ms"
+    caption = clocks.energy_caption(700, "per forward")
+    assert caption.startswith("Run back to back for 1.5 s (no cache flush between calls; NVML's energy counter): "
+                              "the joules per forward,")
+    assert caption.endswith("At the 700 W limit a call takes at least its joules over 700 W:")
 
 
 @pytest.mark.gpu

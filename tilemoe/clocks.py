@@ -215,11 +215,11 @@ def energy_per_call(fn: Callable[[], object], device: torch.device | str, *, sec
 
 def energy_caption(power_limit_w: int, what: str = "per call") -> str:
     """The line above recorded energy cells (``energy_cell``)."""
-    return (f"Energy {what}, run back to back for {ENERGY_SECONDS:g} s (NVML's energy counter), the board's mean "
-            f"power, and in parentheses the energy over the {power_limit_w} W limit: the least time the power cap "
-            "allows at that energy:")
+    return (f"Run back to back for {ENERGY_SECONDS:g} s (no cache flush between calls; NVML's energy counter): the "
+            f"joules {what}, the board's mean power and the time per call. At the {power_limit_w} W limit a call "
+            f"takes at least its joules over {power_limit_w} W:")
 
 
-def energy_cell(energy_j: float, power_w: float, power_limit_w: int) -> str:
-    """One energy measurement as a table shows it: '2.06 J at 699 W (2.944 ms)'."""
-    return f"{energy_j:.3g} J at {power_w:.0f} W ({energy_j / power_limit_w * 1e3:.3f} ms)"
+def energy_cell(energy_j: float, power_w: float, loop_ms: float) -> str:
+    """One energy measurement as a table shows it: '2.12 J at 693 W, 3.065 ms'."""
+    return f"{energy_j:.3g} J at {power_w:.0f} W, {loop_ms:.3f} ms"

@@ -199,14 +199,14 @@ def clock_lines(rows: list[dict]) -> list[str]:
 
 def energy_lines(rows: list[dict]) -> list[str]:
     """For runs with ``--energy``: each backend's joules per forward and per training step, the
-    board's mean power, and the least time the power limit allows at that energy."""
+    board's mean power and the time per call, run back to back (``clocks.energy_per_call``)."""
     measured = [r for r in rows if r.get("step_energy_j") is not None]
     if not measured:
         return []
     limit = measured[0]["step_power_limit_w"]
 
     def cell(r, what):
-        return clocks.energy_cell(r[f"{what}_energy_j"], r[f"{what}_power_w"], limit) if r.get(f"{what}_energy_j") else "-"
+        return clocks.energy_cell(r[f"{what}_energy_j"], r[f"{what}_power_w"], r[f"{what}_loop_ms"]) if r.get(f"{what}_energy_j") else "-"
 
     return [clocks.energy_caption(limit, "per forward / per training step")] + [
         f"- {r['backend']}: {cell(r, 'forward')} / {cell(r, 'step')}" for r in measured]
