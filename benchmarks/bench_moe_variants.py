@@ -49,8 +49,8 @@ top-k, routing metadata, experts, combine. FLOPs: 6*T*K*H*I. Peak memory: what o
 allocates beyond the inputs and weights. On a GPU, the median SM clock while each variant was
 timed, and the share of samples in which the power cap held it down (``tilemoe.clocks``: a time
 says nothing about the clock it was taken at). With ``--energy``, each variant's joules per forward
-too, and the board's mean power, from 1.5 s of back-to-back forwards (``clocks.energy_per_call``): a
-power-capped GPU runs a forward no faster than its energy over the power limit. Prints one table
+too, and the board's mean power, from 1.5 s of back-to-back forwards (``clocks.energy_per_call``): on
+a power-capped GPU a forward takes at least its energy divided by the power limit. Prints one table
 per preset; ``--record`` writes the rows to benchmarks/results/<gpu>/moe_variants-<date>.json,
 ``--plot`` a PNG of TFLOP/s against tokens.
 """

@@ -23,8 +23,8 @@ reference replaying its choice; skipped for a layer with shared experts, which t
 have), and every row's times are also divided into the faster SonicMoE row's. On a GPU, under
 the table: the SM clock each backend's forward and step were timed at (``tilemoe.clocks``), and with
 ``--energy`` the joules of one forward and of one training step, each run back to back for 1.5 s
-(``clocks.energy_per_call``): where the power cap holds the clock, a step takes no less than its
-energy over the board's power limit.
+(``clocks.energy_per_call``): on a power-capped GPU a step takes at least its energy divided by the
+board's power limit.
 ``--record`` writes the rows to benchmarks/results/<gpu>/full_moe-*.json (with SonicMoE's versions
 when it ran); ``--table FILE ...`` prints the README's "Measured results" from such files::
 
