@@ -76,6 +76,32 @@ def _nvml_reader(device: torch.device) -> tuple[Callable[[], tuple[int, int]], i
     return read, round(limit.value / 1000), top.value
 
 
+class _Polling:
+    """``with _Polling(read, interval_s) as p: ...`` calls read() on a background thread, first at
+    once and then every interval_s, until the block ends; ``p.samples`` holds (time.perf_counter(),
+    what read() returned) for every call."""
+
+    def __init__(self, read: Callable[[], object], interval_s: float):
+        self._read, self._interval = read, interval_s
+        self.samples: list[tuple[float, object]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.perf_counter(), self._read()))
+            if self._stop.wait(self._interval):
+                return
+
+    def __enter__(self) -> "_Polling":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class Sampler:
     """``with Sampler(device) as s: ...`` samples the GPU's SM clock and clock event reasons while
     the block runs; ``s.summary()`` then gives {"sm_clock_mhz": the median clock, "power_capped":
@@ -94,34 +120,24 @@ class Sampler:
             found = _nvml_reader(device)
             if found is not None:
                 read, power_limit_w, max_sm_clock_mhz = found
-        self._read, self._interval = read, interval_s
         self._gpu = {"power_limit_w": power_limit_w, "max_sm_clock_mhz": max_sm_clock_mhz}
-        self._samples: list[tuple[int, int]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        while True:
-            self._samples.append(self._read())
-            if self._stop.wait(self._interval):
-                return
+        self._polling = _Polling(read, interval_s) if read is not None else None
 
     def __enter__(self) -> "Sampler":
-        if self._read is not None:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
+        if self._polling is not None:
+            self._polling.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
+        if self._polling is not None:
+            self._polling.__exit__(*exc)
 
     def summary(self) -> dict:
-        if not self._samples:
+        samples = [value for _, value in self._polling.samples] if self._polling is not None else []
+        if not samples:
             return {}
-        return {"sm_clock_mhz": statistics.median(c for c, _ in self._samples),
-                "power_capped": sum(1 for _, r in self._samples if r & POWER_CAP) / len(self._samples),
+        return {"sm_clock_mhz": statistics.median(c for c, _ in samples),
+                "power_capped": sum(1 for _, r in samples if r & POWER_CAP) / len(samples),
                 **self._gpu}
 
 
@@ -184,28 +200,16 @@ def energy_per_call(fn: Callable[[], object], device: torch.device | str, *, sec
 
     fn()
     finish()
-    steps: list[tuple[float, int]] = []
-    stop = threading.Event()
-
-    def poll() -> None:
-        last = None
-        while not stop.is_set():
-            value = read_energy()
-            if value != last:
-                steps.append((time.perf_counter(), value))
-                last = value
-            stop.wait(poll_s)
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    start, calls = time.perf_counter(), 0
-    while calls == 0 or time.perf_counter() - start < seconds:
-        fn()
-        calls += 1
-    finish()
-    end = time.perf_counter()
-    stop.set()
-    thread.join()
+    with _Polling(read_energy, poll_s) as polled:
+        start, calls = time.perf_counter(), 0
+        while calls == 0 or time.perf_counter() - start < seconds:
+            fn()
+            calls += 1
+        finish()
+        end = time.perf_counter()
+    # The counter's steps: the first reading of each new value.
+    readings = polled.samples
+    steps = [(t, mj) for i, (t, mj) in enumerate(readings) if i == 0 or mj != readings[i - 1][1]]
     watts = mean_power_w(steps, start, end)
     if watts is None:
         return {}
