@@ -393,6 +393,47 @@ def test_router_logits_kernel_matches_fp64(dtype, num_tokens, hidden, num_expert
 
 
 @needs_triton
+@pytest.mark.parametrize("bf16", [True, False])
+def test_split_weight_pieces_sum_to_the_weight_exactly(bf16):
+    """hi + mid + lo == w for every element, each piece exact in the type the tensor cores multiply
+    it in: bf16, or TF32 (13 low mantissa bits clear) kept in fp32. Tiny, huge and negative
+    weights, and more elements than one block."""
+    import triton
+
+    from tilemoe.triton import router as triton_router
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 700, generator=g) * torch.logspace(-30, 30, 700)
+    w[0, :3] = torch.tensor([0.0, -1.0, 1 + 2.0 ** -23])
+    w = w.to(DEVICE)
+    pieces = torch.full((3, 5, 700), float("nan"), dtype=torch.bfloat16 if bf16 else torch.float32, device=DEVICE)
+    triton_router.split_weight_kernel[(triton.cdiv(w.numel(), triton_router.SPLIT_BLOCK),)](
+        w, pieces, w.numel(), BF16=bf16, BLOCK=triton_router.SPLIT_BLOCK)
+    assert torch.equal(pieces.double().sum(0), w.double())
+    if not bf16:
+        low_bits = pieces.view(torch.int32) & 0x1FFF
+        assert torch.equal(low_bits[:2], torch.zeros_like(low_bits[:2]))  # hi and mid are TF32; lo keeps 13 bits
+    assert (pieces[0].double().abs() >= pieces[1].double().abs()).all()
+
+
+@pytest.mark.parametrize("tokens, experts, want", [
+    (16384, 128, (128, 128)),  # Qwen3 at prefill: 128 programs, one per SM
+    (16384, 256, (128, 128)),  # DeepSeek-V3
+    (16384, 64, (128, 64)),    # OLMoE
+    (4096, 256, (128, 64)),    # 32 x 2 programs would idle half the SMs: 32 x 4
+    (4096, 128, (64, 64)),     # 32 x 1, then 32 x 2: still too few
+    (16384, 8, (128, 16)),     # Mixtral: the narrowest tile tl.dot takes
+])
+def test_logits_tile_keeps_the_sms_busy(tokens, experts, want):
+    pytest.importorskip("triton")
+    from tilemoe.triton.router import logits_tile
+
+    tile = logits_tile(tokens, experts, True, 132)
+    assert (tile["BLOCK_T"], tile["BLOCK_E"]) == want
+    assert logits_tile(tokens, experts, False, 132)["BLOCK_E"] <= 64  # fp16 x: fp32 pieces
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens, hidden, num_experts", [(1, 40, 64), (3, 100, 48), (8, 2100, 5)])
 def test_decode_logits_kernel_matches_fp64(dtype, num_tokens, hidden, num_experts):
