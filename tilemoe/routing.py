@@ -483,8 +483,9 @@ def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_expert
     else:
         checks.check_shape("counts", counts, (num_experts,), f"[E] = [{num_experts}]")
     fraction = counts.to(probs.dtype) / topk_ids.numel()
-    # sum_i f_i * mean_t probs[t, i] as one matrix-vector product over the tokens' rows: PyTorch's
-    # mean over dim 0 walks [T, E] across its rows (about 20 us at 16384 tokens on an H200).
+    # sum_i f_i * mean_t probs[t, i] as one matrix-vector product over the tokens' rows. PyTorch's
+    # mean over dim 0 reads [T, E] across its rows: 22.1 us for Qwen3's 16384 x 128 on an H200,
+    # against 4.0 us for the product and 3.8 us for its sum (profile_kernels-2026-11-24-22, -23).
     return num_experts / probs.shape[0] * (probs @ fraction).sum()
 
 
