@@ -214,6 +214,7 @@ def decode_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden,
 # cuBLAS at 128 to 1024 tokens on all four presets, faster at 4096 and 16384 on all four.
 MIN_TOKENS = 4096
 MAX_DECODE_TOKENS = 8
+SPLIT_BLOCK = 1024  # weights per program of split_weight_kernel
 
 
 def takes(x: torch.Tensor, router_weight: torch.Tensor) -> bool:
@@ -258,9 +259,6 @@ def logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-SPLIT_BLOCK = 1024
-
-
 def logits_tile(num_tokens: int, num_experts: int, bf16: bool, sms: int) -> dict:
     """``router_logits_kernel``'s tile and launch options: the largest tile (128 tokens by up to
     128 experts for a bf16 x; an fp16 x meets fp32 TF32 pieces, twice the bytes a stage, so up to
@@ -268,8 +266,8 @@ def logits_tile(num_tokens: int, num_experts: int, bf16: bool, sms: int) -> dict
     to 64 tokens (4 warps) until it does. A wider tile reads x fewer times and does more products
     per byte loaded, but at 4096 tokens a 128 x 128 tile leaves most SMs idle. Timed on an H200
     while writing it (development runs, not recorded), for OLMoE, Qwen3, DeepSeek-V3 and Mixtral
-    at 4096 and 16384 tokens: the tile this picks was the fastest of those tried (up to eight),
-    or within 2% of it, except OLMoE at 4096 tokens, where a 64 x 16 tile was 10% faster."""
+    at 4096 and 16384 tokens: the tile this picks was the fastest of those tried or close to it,
+    except OLMoE at 4096 tokens, where a narrower 64 x 16 tile was faster."""
     block_t, block_e = 128, min(128 if bf16 else 64, max(16, triton.next_power_of_2(num_experts)))
     enough = 3 * sms // 4
     if block_e > 64 and triton.cdiv(num_tokens, block_t) * triton.cdiv(num_experts, block_e) < enough:
