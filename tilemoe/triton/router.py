@@ -209,10 +209,13 @@ def decode_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden,
     tl.store(out_ptr + t.to(tl.int64) * num_experts + e, acc, mask=t_ok)
 
 
-# With few tokens the tensor-core kernel has too few programs to fill the GPU and cuBLAS's fp32
-# GEMM (split over H) is faster. Timed on an H200 while writing it (not recorded): slower than
-# cuBLAS at 128 to 1024 tokens on all four presets, faster at 4096 and 16384 on all four.
-MIN_TOKENS = 4096
+# With few tokens the tensor-core kernel cannot fill the GPU even with its narrowest tile, its two
+# launches (split, logits) cost more than the arithmetic, and cuBLAS's fp32 GEMM (split over H) is
+# faster. Graph-timed on an H200 at commit 6a7132f (development runs, not recorded), on all four
+# presets: cuBLAS was faster at 16 to 256 tokens, the kernel from 512 tokens up (the margin
+# growing with the batch). tools/profile_kernels.py recorded the cuBLAS path at 1024 and 2048
+# tokens (profile_kernels-2026-11-24-24 to -27) and the kernel's at the same sizes after.
+MIN_TOKENS = 512
 MAX_DECODE_TOKENS = 8
 SPLIT_BLOCK = 1024  # weights per program of split_weight_kernel
 
