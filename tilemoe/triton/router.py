@@ -209,11 +209,11 @@ def decode_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden,
     tl.store(out_ptr + t.to(tl.int64) * num_experts + e, acc, mask=t_ok)
 
 
-# With few tokens the tensor-core kernel cannot fill the GPU even with its narrowest tile, its two
-# launches (split, logits) cost more than the arithmetic, and cuBLAS's fp32 GEMM (split over H) is
-# faster. Graph-timed on an H200 at commit 6a7132f (development runs, not recorded), on all four
-# presets: cuBLAS was faster at 16 to 256 tokens, the kernel from 512 tokens up (the margin
-# growing with the batch). tools/profile_kernels.py recorded both paths in OLMoE and DeepSeek-V3
+# With few tokens the tensor-core kernel launches few programs even with its narrowest tile (a
+# 256-token OLMoE batch: 4 of 64 x 64), and cuBLAS's fp32 GEMM (split over H) is faster.
+# Graph-timed on an H200 at commit 6a7132f (development runs, not recorded), on all four presets:
+# cuBLAS was faster at 16 to 256 tokens, the kernel from 512 tokens up (the margin growing with
+# the batch). tools/profile_kernels.py recorded both paths in OLMoE and DeepSeek-V3
 # forwards at 1024 and 2048 tokens: benchmarks/results/nvidia-h200/profile_kernels-2026-11-24-24
 # to -27 (cuBLAS) and -28 to -31 (the kernel); tilemoe/triton/README.md has the times.
 MIN_TOKENS = 512
