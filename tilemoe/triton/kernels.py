@@ -32,9 +32,9 @@ the H200 that pair ran faster than weighting and scattering rows in the GEMM's e
 development A/B on the four presets at 16384 tokens, not recorded). Storing whole row blocks by
 TMA (one asynchronous copy of the tile from shared memory) was tried as well: an expert's last,
 partial block still needs masked pointer stores, Triton 3.6 cannot flatten the persistent loop
-around that branch, and without the flattening both GEMMs were slower; with a routing rounded to
-the tile (no branch) the result was mixed across the four presets (development A/B at 16384
-tokens, not recorded). The combine also sums rows already in slot order (dX). Slots that no
+around that branch, and without the flattening the GEMMs were slower (level on Qwen3); with a
+routing rounded to the tile (no branch) the result was mixed across the four presets (development
+A/B at 16384 tokens, not recorded). The combine also sums rows already in slot order (dX). Slots that no
 expert kept (capacity drops, the -1 padding of token rounding) were never written: it skips them
 by their id instead of reading zeros someone wrote.
 
