@@ -34,9 +34,9 @@ TMA (one asynchronous copy of the tile from shared memory) was tried as well: an
 partial block still needs masked pointer stores, Triton 3.6 cannot flatten the persistent loop
 around that branch, and without the flattening the GEMMs were slower (level on Qwen3); with a
 routing rounded to the tile (no branch) the result was mixed across the four presets (development
-A/B at 16384 tokens, not recorded). The combine also sums rows already in slot order (dX). Slots that no
-expert kept (capacity drops, the -1 padding of token rounding) were never written: it skips them
-by their id instead of reading zeros someone wrote.
+A/B at 16384 tokens, not recorded). The combine also sums rows already in slot order (dX). Slots
+that no expert kept (capacity drops, the -1 padding of token rounding) were never written: it
+skips them by their id instead of reading zeros someone wrote.
 
 The backward's first GEMM, dY @ W_down, is a plain one (dY read through the permutation); then
 ``swiglu_backward_kernel`` recomputes the activation from the saved pre-activation and applies

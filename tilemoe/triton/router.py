@@ -271,7 +271,10 @@ def logits_tile(num_tokens: int, num_experts: int, bf16: bool, sms: int) -> dict
     per byte loaded, but at 4096 tokens a 128 x 128 tile leaves most SMs idle. Timed on an H200
     while writing it (development runs, not recorded), for OLMoE, Qwen3, DeepSeek-V3 and Mixtral
     at 4096 and 16384 tokens: the tile this picks was the fastest of those tried or close to it,
-    except OLMoE at 4096 tokens, where a narrower 64 x 16 tile was faster."""
+    except OLMoE at 4096 tokens, where a narrower 64 x 16 tile was faster. Below 4096 tokens (the
+    kernel's range since ``MIN_TOKENS`` went to 512) the rule was not tuned: only the whole kernel
+    was timed, against cuBLAS. There the step from 128- to 64-token tiles is abrupt (at 3072
+    DeepSeek-V3 tokens the kernel was slower than at 4096 in that run, still faster than cuBLAS)."""
     block_t, block_e = 128, min(128 if bf16 else 64, max(16, triton.next_power_of_2(num_experts)))
     enough = 3 * sms // 4
     if block_e > 64 and triton.cdiv(num_tokens, block_t) * triton.cdiv(num_experts, block_e) < enough:
