@@ -37,7 +37,8 @@ Variants (those this machine cannot run are listed with the reason and skipped):
   weights are renormalized); for deepseek-v3 it is not (no sigmoid, no groups), with the same
   FLOPs. The row records the bf16 ties at the top-k boundary;
 - ``dense floor``: two cuBLAS GEMMs with the layer's FLOPs and no routing ([T*K, H] x [H, 2I]
-  and [T*K, I] x [I, H]): what perfect grouped kernels approach when arithmetic bounds them;
+  and [T*K, I] x [I, H], ``tilemoe.floors.forward_gemms``): what perfect grouped kernels approach
+  when arithmetic bounds them;
 - ``weights read``: the bytes of every expert the batch touches, read once at the copy bandwidth
   measured in the same run (a model, not a kernel): what bounds a decode batch.
 
@@ -68,7 +69,7 @@ import torch
 from tabulate import tabulate
 
 import tilemoe
-from tilemoe import backends, bench, clocks
+from tilemoe import backends, bench, clocks, floors
 from tilemoe.graphs import GraphedMoE
 
 LAYER_VARIANTS = ("torch", "grouped_mm", "triton", "cuda", "sonicmoe")
@@ -124,13 +125,9 @@ def rounded_routing(case: Case) -> tilemoe.Routing:
 
 
 def dense_floor(case: Case) -> Callable[[], object]:
-    """Two plain GEMMs with the layer's FLOPs: [T*K, H] x [H, 2I], then [T*K, I] x [I, H] (one
-    expert's weights: the floor has no routing)."""
-    cfg, slots = case.cfg, case.tokens * case.cfg.top_k
-    a = torch.randn(slots, cfg.hidden, device=case.x.device).to(case.x.dtype)
-    act = torch.randn(slots, cfg.ffn, device=case.x.device).to(case.x.dtype)
-    w1, w2 = case.weights["w_gate_up"][0], case.weights["w_down"][0]
-    return lambda: (torch.mm(a, w1.t()), torch.mm(act, w2.t()))
+    """``tilemoe.floors.forward_gemms`` for the case: the layer's FLOPs as two GEMMs, no routing."""
+    return floors.forward_gemms(case.tokens * case.cfg.top_k, case.cfg.hidden, case.cfg.ffn,
+                                device=case.x.device, dtype=case.x.dtype)
 
 
 def copy_gbps(device: torch.device) -> float:

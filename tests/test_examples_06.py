@@ -39,8 +39,10 @@ def test_benchmark_runs_every_cpu_backend_beside_grouped_mm():
     assert result.returncode == 0, result.stdout + result.stderr
     table = result.stdout.split("\n-", 1)[1].splitlines()[1:]  # the rows below tabulate's rule
     rows = {line.split()[0]: line.split() for line in table if line.strip()}
-    assert set(rows) == {"torch", "grouped_mm"} and rows["grouped_mm"][3] == "1"
+    assert set(rows) == {"torch", "grouped_mm", "dense"} and rows["grouped_mm"][3] == "1"
     assert rows["torch"][4] == "-"  # no SonicMoE in the run: no ratio to it
+    floor = rows["dense"]  # "dense floor": the layer's FLOPs as plain GEMMs, no error to check
+    assert floor[1] == "floor" and floor[2] == "-" and float(floor[3]) > 0 and float(floor[7]) > 0
 
 
 def test_a_backend_that_cannot_run_is_a_usage_error():

@@ -11,7 +11,7 @@ import torch
 
 import tilemoe
 from tilemoe import backends
-from tilemoe.layer import OptimizedMoELayer
+from tilemoe.layer import OptimizedMoELayer, train_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_REASON = backends.unavailable_reason("triton", DEVICE, torch.float32, 32, 16)
@@ -169,6 +169,20 @@ def test_bad_arguments_name_themselves(change, message):
 def test_x_of_the_wrong_width_is_refused():
     with pytest.raises(ValueError, match=r"x: expected shape \[..., H\] with H = 32, got \[4, 31\]"):
         make_layer()(torch.randn(4, 31, device=DEVICE))
+
+
+def test_train_step_backpropagates_dy_and_the_aux_loss():
+    # train_step (what lesson 6 times) is the backward of sum(y * dy) + aux: dy arrives as y's gradient.
+    layer = make_layer(backend="torch")
+    x = torch.randn(5, 32, device=DEVICE, requires_grad=True)
+    dy = torch.randn(5, 32, device=DEVICE)
+    train_step(layer, x, dy)
+    ref_y, ref_aux, leaves = reference_layer(layer, x)
+    expected = torch.autograd.grad((ref_y * dy.double()).sum() + ref_aux, [leaves["x"], leaves["router_weight"]])
+    assert tilemoe.rel_error(x.grad, expected[0]) <= 1e-4
+    assert tilemoe.rel_error(layer.router_weight.grad, expected[1]) <= 1e-4
+    with pytest.raises(ValueError, match=r"dy: expected shape \[5, 32\] \(the shape of x and of y\), got \[5, 31\]"):
+        train_step(layer, x, dy[:, :31])
 
 
 # -- Hugging Face blocks --------------------------------------------------------------------------

@@ -463,7 +463,8 @@ def test_lesson_6_times_the_module_with_the_layers_weights_and_its_ratio_takes_t
     torch.manual_seed(0)
     layer = tilemoe.OptimizedMoELayer(32, 24, 6, 2, dtype=torch.bfloat16)
     x = torch.randn(20, 32).bfloat16().requires_grad_()
-    row = lesson6.measure_module(layer, x, CPU)
+    dy = torch.randn(20, 32).bfloat16()
+    row = lesson6.measure_module(layer, x, dy, CPU)
     assert row["rel_error"] <= BF16_TOL and row["forward_ms"] > 0 and row["fwd_bwd_ms"] > 0
     assert x.grad is not None and x.grad.abs().sum() > 0  # the step reached x
     rows = [{"backend": "grouped_mm", "forward_ms": 4.0, "fwd_bwd_ms": 8.0, "train_peak_bytes": None},
@@ -476,7 +477,7 @@ def test_lesson_6_times_the_module_with_the_layers_weights_and_its_ratio_takes_t
     real_choice = sonic.module_choice
     monkeypatch.setattr(sonic, "module_choice", lambda module, x: (lambda ids, how, ties: (
         (ids + 1) % module.num_experts, how, ties))(*real_choice(module, x)))
-    assert lesson6.measure_module(layer, x.detach().requires_grad_(), CPU)["rel_error"] > BF16_TOL
+    assert lesson6.measure_module(layer, x.detach().requires_grad_(), dy, CPU)["rel_error"] > BF16_TOL
 
 
 # -- The lesson script ---------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     layer = OptimizedMoELayer(2048, 1024, num_experts=64, top_k=8).to("cuda", torch.bfloat16)
     y, aux_loss = layer(x, return_aux_loss=True)      # training: add aux_loss to the model's loss
     layer.expert_usage                                  # running counts, fractions and their Gini
-    train_step(layer, x)                                # what lesson 6 times as one training step
+    train_step(layer, x, dy)                            # what lesson 6 times as one training step
 
 It owns the router weight [E, H] (fp32: logits in fp32, DESIGN.md), the experts' w_gate_up
 [E, 2I, H] and w_down [E, H, I], and the shared experts, and runs them through
@@ -221,9 +221,12 @@ class OptimizedMoELayer(nn.Module):
                 f"capacity_factor={self.capacity_factor}, shared={0 if self.shared_down is None else len(self.shared_down)}")
 
 
-def train_step(layer: OptimizedMoELayer, x: torch.Tensor) -> None:
+def train_step(layer: OptimizedMoELayer, x: torch.Tensor, dy: torch.Tensor) -> None:
     """One training step as lesson 6's benchmark times it and tools/profile_kernels.py profiles it:
-    the forward with its aux loss, then the backward of sum(y) + aux_loss into x (when it wants a
-    gradient) and every weight. An optimizer's update is left out: it is the same for every backend."""
+    the forward with its aux loss, then the backward into x (when it wants a gradient) and every
+    weight, from dy, y's gradient as the layers above would hand it down, plus the aux loss's.
+    No loss over y is computed: its kernels would be timed as the layer's. An optimizer's update is
+    left out: it is the same for every backend."""
+    checks.check_shape("dy", dy, tuple(x.shape), f"{list(x.shape)} (the shape of x and of y)")
     y, aux = layer(x, return_aux_loss=True)
-    (y.float().sum() + aux).backward()
+    torch.autograd.backward((y, aux), (dy, None))

@@ -62,7 +62,8 @@ def training_step(cfg, tokens: int, backend: str, device, dtype):
     aux loss, then the backward into x and every weight, as lesson 6's benchmark times it."""
     layer = tilemoe.OptimizedMoELayer.from_preset(cfg, device=device, dtype=dtype, backend=backend)
     x = torch.randn(tokens, cfg.hidden, device=device).to(dtype).requires_grad_()
-    return functools.partial(train_step, layer, x), "training step"
+    dy = torch.randn(tokens, cfg.hidden, device=device).to(dtype)
+    return functools.partial(train_step, layer, x, dy), "training step"
 
 
 def module_call(cfg, tokens: int, train: bool, device):
@@ -72,7 +73,8 @@ def module_call(cfg, tokens: int, train: bool, device):
     module = sonic.module_with_weights(layer.router_weight, layer.w_gate_up, layer.w_down, layer.top_k)
     x = torch.randn(tokens, cfg.hidden, device=device).to(torch.bfloat16)
     if train:
-        return functools.partial(sonic.module_train_step, module, x.requires_grad_(), layer.load_balance_weight), \
+        dy = torch.randn(tokens, cfg.hidden, device=device).to(torch.bfloat16)
+        return functools.partial(sonic.module_train_step, module, x.requires_grad_(), dy, layer.load_balance_weight), \
             "training step"
     return functools.partial(sonic.module_forward, module, x), "forward"
 

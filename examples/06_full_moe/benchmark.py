@@ -14,13 +14,18 @@ Run it::
 
 What it prints: one row per backend that runs here (grouped_mm, triton, cuda, sonicmoe when
 installed, torch on a CPU): the forward's error against the reference, forward ms, forward +
-backward ms (the gradients of x, the router and both expert weights, as inside a model), both as
-TFLOP/s (6*T*K*H*I and 18*T*K*H*I), the speedups over grouped_mm, and the peak memory a training
-step adds beyond x, the weights and their gradients (GPU only), also as a ratio to grouped_mm's.
-When SonicMoE runs, a last row times SonicMoE as it ships, its own ``MoE`` module holding the
+backward ms (the gradients of x, the router and both expert weights, as inside a model, from a
+random dy handed down as the layers above would: no loss over y is computed, so none is timed),
+both as TFLOP/s (6*T*K*H*I and 18*T*K*H*I, K counting the shared experts too), the speedups over
+grouped_mm, and the peak memory a training step adds beyond x, the weights and their gradients (GPU
+only), also as a ratio to grouped_mm's.
+When SonicMoE runs, a row times SonicMoE as it ships, its own ``MoE`` module holding the
 layer's weights (it routes by itself: softmax over the top-k of bf16 logits, checked against the
 reference replaying its choice; skipped for a layer with shared experts, which the module does not
-have), and every row's times are also divided into the faster SonicMoE row's. On a GPU, under
+have), and every row's times are also divided into the faster SonicMoE row's. The last row, the
+dense floor, does the layer's FLOPs with no routing at all (``tilemoe.floors``: its forward as two
+cuBLAS GEMMs, its training step as six): its "x grouped_mm" is the most that perfect kernels would
+reach when arithmetic bounds them. On a GPU, under
 the table: the SM clock each backend's forward and step were timed at (``tilemoe.clocks``), and with
 ``--energy`` the joules of one forward and of one training step, each run back to back for 1.5 s
 (``clocks.energy_per_call``): on a power-capped GPU a step takes at least its energy divided by the
@@ -45,13 +50,14 @@ import torch
 from tabulate import tabulate
 
 import tilemoe
-from tilemoe import backends, bench, clocks
+from tilemoe import backends, bench, clocks, floors
 from tilemoe.backends import sonic
 from tilemoe.layer import train_step
 
 BASELINE = "grouped_mm"
 MODULE_ROW = sonic.MODULE_NAME
 SONIC_ROWS = (sonic.NAME, MODULE_ROW)
+FLOOR_ROW = "dense floor"
 
 
 # %%
@@ -60,15 +66,16 @@ SONIC_ROWS = (sonic.NAME, MODULE_ROW)
 # The same layer object runs every backend (only ``layer.backend`` changes), so the weights, the
 # tokens and the routing options are identical; the forward is checked before anything is timed.
 
-def measure(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, ref: torch.Tensor, device, energy: bool = False) -> dict:
-    """One backend: its error, forward and forward+backward times, a training step's peak memory (and
-    with ``energy``, the joules of each)."""
+def measure(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, dy: torch.Tensor, ref: torch.Tensor, device,
+            energy: bool = False) -> dict:
+    """One backend: its error, forward and forward+backward times (the backward from dy), a training
+    step's peak memory (and with ``energy``, the joules of each)."""
     layer.eval()
     with torch.no_grad():
         err = tilemoe.rel_error(layer(x), ref)
         forward = time_forward(lambda: layer(x), device, energy)
     layer.train()
-    step = functools.partial(train_step, layer, x)
+    step = functools.partial(train_step, layer, x, dy)
     return {"rel_error": err, **forward, **time_step(step, [*layer.parameters(), x], device, energy)}
 
 
@@ -102,7 +109,8 @@ def module_unavailable(layer: tilemoe.OptimizedMoELayer) -> str | None:
     return None
 
 
-def measure_module(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, device, energy: bool = False) -> dict:
+def measure_module(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, dy: torch.Tensor, device,
+                   energy: bool = False) -> dict:
     """SonicMoE's own MoE module with the layer's weights: its error against the reference replaying
     its routing, forward and forward+backward times (its aux loss scaled like the layer's), peak."""
     module = sonic.module_with_weights(layer.router_weight, layer.w_gate_up, layer.w_down, layer.top_k)
@@ -112,8 +120,20 @@ def measure_module(layer: tilemoe.OptimizedMoELayer, x: torch.Tensor, device, en
         ref = tilemoe.reference_moe(x.float(), **weights, top_k=layer.top_k, routing=routing)
         err = tilemoe.rel_error(sonic.module_forward(module, x)[0], ref)
         forward = time_forward(lambda: sonic.module_forward(module, x), device, energy)
-    step = functools.partial(sonic.module_train_step, module, x, layer.load_balance_weight)
+    step = functools.partial(sonic.module_train_step, module, x, dy, layer.load_balance_weight)
     return {"rel_error": err, **forward, **time_step(step, [*module.parameters(), x], device, energy)}
+
+
+def measure_floor(layer: tilemoe.OptimizedMoELayer, tokens: int, device, dtype: torch.dtype,
+                  energy: bool = False) -> dict:
+    """The dense floor (``tilemoe.floors``): the layer's FLOPs with no routing, its forward as two
+    cuBLAS GEMMs and its training step as six, timed like a backend. No error, no peak memory."""
+    rows = tokens * (layer.top_k + (0 if layer.shared_down is None else len(layer.shared_down)))
+    shape = (rows, layer.hidden_dim, layer.ffn_dim)
+    return {"rel_error": None,
+            **time_forward(floors.forward_gemms(*shape, device=device, dtype=dtype), device, energy),
+            **timed(floors.training_gemms(*shape, device=device, dtype=dtype), device, "step", energy),
+            "train_peak_bytes": None}
 
 
 def with_tflops(row: dict, flops: float) -> dict:
@@ -152,7 +172,7 @@ def table_cells(rows: list[dict]) -> list[list[str]]:
     def cell(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    return [[r["backend"], f"{r['rel_error']:.2e}", f"{r['forward_ms']:.3f}", cell(r["forward_speedup"], ".2f"),
+    return [[r["backend"], cell(r["rel_error"], ".2e"), f"{r['forward_ms']:.3f}", cell(r["forward_speedup"], ".2f"),
              cell(r["forward_vs_sonicmoe"], ".2f"), f"{r['fwd_bwd_ms']:.3f}", cell(r["fwd_bwd_speedup"], ".2f"),
              cell(r["fwd_bwd_vs_sonicmoe"], ".2f"), f"{r['fwd_bwd_tflops']:.1f}",
              cell(r["train_peak_bytes"] and r["train_peak_bytes"] / 1e9, ".3f"), cell(r["train_peak_ratio"], ".2f")]
@@ -170,6 +190,8 @@ def table_markdown(files: list) -> str:
         link = bench.link_from(Path(__file__).parent, path)
         sonic_versions = ", ".join(f"{k} {v}" for k, v in (run.get("sonicmoe") or {}).items())
         backward = "the backward computes dX" if run.get("x_grad") else "x wanted no gradient (no dX; recorded before it did)"
+        backward += (", starting from a random dy" if run.get("backward_from") == "dy"
+                     else ", starting from the loss sum(y) in fp32 (its kernels timed too; recorded before dy)")
         parts.append(f"**{first['config']}**, {first['tokens']} tokens: {run['gpu'] or run['device']}, torch "
                      f"{run['torch']}, triton {run['triton']}{', ' + sonic_versions if sonic_versions else ''}; "
                      f"commit {run['commit'][:7]}, `{run['command']}`, {run['date'][:10]}; {backward}; "
@@ -245,34 +267,38 @@ def main(argv=None) -> int:
     layer = tilemoe.OptimizedMoELayer.from_preset(cfg, device=device, dtype=dtype)
     # x wants its gradient, as the output of the layer below would in a model: the backward computes dX.
     x = torch.randn(args.tokens, cfg.hidden, device=device).to(dtype).requires_grad_()
+    dy = torch.randn(args.tokens, cfg.hidden, device=device).to(dtype)  # y's gradient, from the layers above
     with torch.no_grad():
         weights = {n: getattr(layer, n).float() for n in ("router_weight", "w_gate_up", "w_down", "shared_gate_up",
                                                            "shared_down") if getattr(layer, n) is not None}
         ref = tilemoe.reference_moe(x.float(), **weights, top_k=cfg.top_k, **layer.router_options())
-    flops = cfg.flops(args.tokens)
+    flops = cfg.flops(args.tokens, include_shared=True)  # the layer's shared experts (DeepSeek-V3's) compute too
     rows = []
     for name in names:
         print(f"{name}: checking and timing (a first call compiles its kernels)", flush=True)
         layer.backend = name
         rows.append(with_tflops({"config": cfg.name, "tokens": args.tokens, "backend": name,
-                                 **measure(layer, x, ref, device, args.energy)}, flops))
+                                 **measure(layer, x, dy, ref, device, args.energy)}, flops))
     if sonic.NAME in names:
         if (why := module_unavailable(layer)) is not None:
             print(f"{MODULE_ROW}: skipped: {why}")
         else:
             print(f"{MODULE_ROW}: checking and timing SonicMoE's own MoE module", flush=True)
             rows.append(with_tflops({"config": cfg.name, "tokens": args.tokens, "backend": MODULE_ROW,
-                                     **measure_module(layer, x, device, args.energy)}, flops))
+                                     **measure_module(layer, x, dy, device, args.energy)}, flops))
+    print(f"{FLOOR_ROW}: timing the layer's FLOPs as dense GEMMs (tilemoe.floors)", flush=True)
+    rows.append(with_tflops({"config": cfg.name, "tokens": args.tokens, "backend": FLOOR_ROW,
+                             **measure_floor(layer, args.tokens, device, dtype, args.energy)}, flops))
     add_ratios(rows)
     print(f"{cfg.name}, T={args.tokens}, {dtype}, {bench.device_name(device)}; speedups over {BASELINE} in this run")
     print(tabulate(table_cells(rows), HEADERS))
     for block in under_table(rows):
         print(block)
-    failed = [r["backend"] for r in rows if not r["rel_error"] <= tilemoe.TOLERANCE[dtype]]
+    failed = [r["backend"] for r in rows if r["backend"] != FLOOR_ROW and not r["rel_error"] <= tilemoe.TOLERANCE[dtype]]
     if failed:
         print(f"FAIL: outside the {dtype} tolerance {tilemoe.TOLERANCE[dtype]:g}: {failed}")
     if args.record:
-        extra = {"x_grad": True, **({"sonicmoe": sonic.versions()} if sonic.NAME in names else {})}
+        extra = {"x_grad": True, "backward_from": "dy", **({"sonicmoe": sonic.versions()} if sonic.NAME in names else {})}
         print(f"recorded: {bench.record('full_moe', rows, device, extra=extra)}")
     return 1 if failed else 0
 

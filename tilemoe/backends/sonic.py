@@ -377,11 +377,12 @@ def module_forward(module, x: torch.Tensor, *, train: bool = False) -> tuple[tor
         return module(x, kernel_backend_moe=KernelBackendMoE.sonicmoe, is_inference_mode=not train)
 
 
-def module_train_step(module, x: torch.Tensor, aux_weight: float) -> None:
+def module_train_step(module, x: torch.Tensor, dy: torch.Tensor, aux_weight: float) -> None:
     """``tilemoe.layer.train_step`` for SonicMoE's module: the forward with its load-balancing loss
-    scaled by aux_weight (the layer's ``load_balance_weight``), then the backward of sum(y) + that."""
+    scaled by aux_weight (the layer's ``load_balance_weight``), then the backward from dy (y's
+    gradient) and that loss."""
     y, aux = module_forward(module, x, train=True)
-    (y.float().sum() + aux_weight * aux).backward()
+    torch.autograd.backward((y, aux_weight * aux), (dy, None))
 
 
 def module_choice(module, x: torch.Tensor) -> tuple[torch.Tensor, str, int]:
