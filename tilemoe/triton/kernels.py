@@ -41,7 +41,11 @@ skips them by their id instead of reading zeros someone wrote.
 The backward's first GEMM, dY @ W_down, is a plain one (dY read through the permutation); then
 ``swiglu_backward_kernel`` recomputes the activation from the saved pre-activation and applies
 SwiGLU's derivative in one elementwise pass, in place. (In the GEMM's epilogue that work held five
-fp32 tiles at once, which forced 128 x 64 tiles where the plain GEMM takes 128 x 256.)
+fp32 tiles at once, which forced 128 x 64 tiles where the plain GEMM takes 128 x 256. An epilogue
+that keeps the wide tile and works through it in parts of 64 columns, the routing weight's
+gradient summed per column tile, was tried too: it spilled registers, and in a development A/B on
+the H200 (Qwen3 and OLMoE at 16384 tokens, not recorded) the GEMM with it was slower than the GEMM
+and this pass together in every tile shape tried, 128 x 256, 128 x 128 and 64 x 256.)
 
 ``grouped_wgrad_kernel`` computes the weight gradients, dW_e = A_e^T @ B_e: a GEMM whose reduction
 runs over the expert's own rows, so its length is the expert's token count.
