@@ -8,8 +8,8 @@ them. Timed beside a layer in the same run, a floor says how much of the gap to 
   forward + backward).
 
 R is the number of rows the experts compute: T*K token-slots for the routed experts, plus T per
-shared expert. The floors use one expert's weights (a floor has no routing) and random operands;
-what they return is of no interest, only their time.
+shared expert. The floors multiply by one expert's worth of weights (a floor has no routing), all
+operands random: what they return is of no interest, only their time.
 """
 
 from __future__ import annotations
